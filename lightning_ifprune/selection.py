@@ -1,0 +1,188 @@
+"""Global channel selection: the cheapest channels by score ÷ cost until a target is met.
+
+Scores from any criterion (lower = less important) are normalised by each channel's cost in
+the targeted resource — none, the cost, or its square root (the reference's choice) — and
+ranked across all groups at once. The number of channels taken is the least that brings
+the exact cost model to the target, so the result is at most the target and within one
+channel's cost of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
+from lightning_ifprune.surgery import prune_channels
+
+NORMALIZATIONS = ("none", "cost", "sqrt")
+RESOURCES = ("flops", "params", "channels")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The model size that target fractions refer to (usually the unpruned model)."""
+
+    flops: int
+    params: int
+    channels: int
+
+
+@dataclass
+class PruneReport:
+    """What one call of :func:`prune_to_target` did."""
+
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    channels_before: dict[str, int]
+    channels_after: dict[str, int]
+    plan: dict[str, list[int]]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def baseline_of(structure: ChannelStructure) -> Baseline:
+    """The structure's current size as a :class:`Baseline`."""
+    flops, params = structure.cost()
+    return Baseline(flops, params, sum(structure.widths().values()))
+
+
+def parse_target(flops: float | None, params: float | None, channels: float | None) -> tuple[str, float]:
+    """Exactly one target fraction in (0, 1]: returns (resource, fraction)."""
+    given = [(name, v) for name, v in zip(RESOURCES, (flops, params, channels), strict=True) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of flops=, params=, channels= (got {[n for n, _ in given] or 'none'})")
+    name, value = given[0]
+    if isinstance(value, bool) or not 0 < float(value) <= 1:
+        raise ValueError(f"target {name}={value!r} must be a fraction in (0, 1]")
+    return name, float(value)
+
+
+def _check_scores(structure: ChannelStructure, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    missing = sorted(set(structure.groups) - set(scores))
+    extra = sorted(set(scores) - set(structure.groups))
+    if missing or extra:
+        raise ValueError(f"scores do not match the model's prunable groups: missing {missing[:5]}, unknown {extra[:5]}")
+    out = {}
+    for name, group in structure.groups.items():
+        s = torch.as_tensor(scores[name]).detach().flatten().double().cpu()
+        if s.numel() != group.size:
+            raise ValueError(f"scores['{name}'] has {s.numel()} entries, the group has {group.size} channels")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"scores['{name}'] contains NaN or inf")
+        out[name] = s
+    return out
+
+
+def select_channels(
+    structure: ChannelStructure,
+    scores: Mapping[str, torch.Tensor],
+    resource: str,
+    fraction: float,
+    normalize: str = "sqrt",
+    baseline: Baseline | None = None,
+) -> dict[str, list[int]]:
+    """The plan that brings ``resource`` to at most ``fraction`` of ``baseline``.
+
+    Raises ``ValueError`` if the target cannot be reached within the groups' minimums.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if resource not in RESOURCES:
+        raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
+    checked = _check_scores(structure, scores)
+    baseline = baseline or baseline_of(structure)
+    limit = fraction * getattr(baseline, resource)
+
+    def size(removed: Mapping[str, int]) -> int:
+        if resource == "channels":
+            return sum(structure.widths().values()) - sum(removed.values())
+        flops, params = structure.cost(removed)
+        return flops if resource == "flops" else params
+
+    if size({}) <= limit:
+        return {}
+    unit = structure.channel_costs()
+    power = {"none": 0.0, "cost": 1.0, "sqrt": 0.5}[normalize]
+    keys, values = [], []
+    for gi, (name, s) in enumerate(checked.items()):
+        cost = 1.0 if resource == "channels" else float(unit[name][0 if resource == "flops" else 1])
+        norm = s / max(cost, 1e-12) ** power
+        for idx in range(s.numel()):
+            keys.append((gi, idx, name))
+        values.append(norm)
+    order = torch.argsort(torch.cat(values), stable=True).tolist()
+    room = {n: g.size - g.min_keep for n, g in structure.groups.items()}
+    admissible: list[tuple[str, int]] = []
+    for k in order:
+        _, idx, name = keys[k]
+        if room[name] > 0:
+            room[name] -= 1
+            admissible.append((name, idx))
+
+    def counts(n: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, _ in admissible[:n]:
+            out[name] = out.get(name, 0) + 1
+        return out
+
+    if size(counts(len(admissible))) > limit:
+        raise ValueError(
+            f"target {resource}={fraction:g} is unreachable: removing every removable channel "
+            f"leaves {size(counts(len(admissible))) / getattr(baseline, resource):.3f} of the baseline"
+        )
+    lo, hi = 0, len(admissible)  # size(counts(hi)) <= limit < size(counts(lo))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if size(counts(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    plan: dict[str, list[int]] = {}
+    for name, idx in admissible[:hi]:
+        plan.setdefault(name, []).append(idx)
+    return {n: sorted(v) for n, v in plan.items()}
+
+
+def prune_to_target(
+    model: nn.Module,
+    scores: Mapping[str, torch.Tensor],
+    flops: float | None = None,
+    params: float | None = None,
+    channels: float | None = None,
+    normalize: str = "sqrt",
+    *,
+    example_inputs: torch.Tensor | None = None,
+    ignored_layers: Iterable[str | nn.Module] = (),
+    min_channels: int | float = 1,
+    baseline: Baseline | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place to at most the given fraction of its FLOPs, params or channels.
+
+    ``scores`` maps group names to per-channel scores (lower = prune first), e.g. from
+    :func:`lightning_ifprune.score_channels`, whose result also carries the example inputs.
+    Fractions refer to ``baseline`` (default: the model as it is now). Nothing changes if
+    the target is unreachable or the scores are malformed.
+    """
+    resource, fraction = parse_target(flops, params, channels)
+    if example_inputs is None:
+        example_inputs = getattr(scores, "example_inputs", None)
+    if example_inputs is None:
+        raise ValueError("prune_to_target needs example_inputs= (or scores from score_channels)")
+    structure = ChannelStructure.build(
+        model, validate_example_inputs(example_inputs), ignored_layers=ignored_layers, min_channels=min_channels
+    )
+    plan = select_channels(structure, scores, resource, fraction, normalize, baseline)
+    flops_before, params_before = structure.cost()
+    before = structure.widths()
+    applied = prune_channels(structure, plan)
+    removed = {n: len(v) for n, v in applied.items()}
+    flops_after, params_after = structure.cost(removed)
+    after = {n: w - removed.get(n, 0) for n, w in before.items()}
+    return PruneReport(flops_before, flops_after, params_before, params_after, before, after, applied)

@@ -1,0 +1,147 @@
+"""Physical channel removal: validated, atomic, recorded as plain data, replayable.
+
+A *plan* maps group names to the channel indices to remove, e.g.
+``{"layer1.0.conv1": [3, 7]}``. :func:`prune_channels` checks the whole plan before it
+touches anything, removes the channels through Torch-Pruning's layer surgery (a fresh
+group per entry, never ``group.prune(idxs=...)``), and restores the model exactly if any
+step fails. The applied plans form the *history*: lists of names and ints that survive
+``torch.load(weights_only=True)`` and rebuild the pruned architecture on a fresh model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lightning_ifprune.structure import ChannelStructure
+
+#: One applied plan per entry: ``[{"group": name, "indices": [...]}, ...]``.
+History = list[list[dict[str, object]]]
+
+
+class PruningPlanError(ValueError):
+    """A pruning plan that cannot be applied; nothing was changed."""
+
+
+def validate_plan(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Check ``plan`` against ``structure``; return it with sorted plain-int indices.
+
+    Empty entries are dropped. Raises :class:`PruningPlanError` naming the first problem.
+    """
+    if not isinstance(plan, Mapping):
+        raise PruningPlanError(f"a plan maps group names to channel indices, got {type(plan).__name__}")
+    out: dict[str, list[int]] = {}
+    for name, idxs in plan.items():
+        if name not in structure.groups:
+            why = structure.skipped.get(name)
+            raise PruningPlanError(
+                f"group '{name}' is not prunable ({why})" if why
+                else f"unknown group '{name}'; prunable groups: {sorted(structure.groups)[:8]}..."
+            )
+        if isinstance(idxs, torch.Tensor):
+            idxs = idxs.flatten().tolist()
+        values = list(idxs)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in values):
+            raise PruningPlanError(f"group '{name}': channel indices must be integers, got {values[:5]}")
+        group = structure.groups[name]
+        bad = [i for i in values if not 0 <= i < group.size]
+        if bad:
+            raise PruningPlanError(f"group '{name}': indices {bad[:5]} out of range [0, {group.size})")
+        if len(set(values)) != len(values):
+            dup = sorted({i for i in values if values.count(i) > 1})
+            raise PruningPlanError(f"group '{name}': duplicate indices {dup[:5]}")
+        if group.size - len(values) < group.min_keep:
+            raise PruningPlanError(
+                f"group '{name}': removing {len(values)} of {group.size} channels would keep fewer "
+                f"than the minimum of {group.min_keep}"
+            )
+        if values:
+            out[name] = sorted(values)
+    return out
+
+
+@contextmanager
+def _atomic(model: nn.Module) -> Iterator[None]:
+    """Undo every change to ``model``'s modules if the block raises.
+
+    Torch-Pruning replaces parameters and buffers by new tensors and rewrites size
+    attributes, so keeping references and plain attributes is enough to roll back.
+    """
+    saved = []
+    for module in model.modules():
+        attrs = {k: v for k, v in vars(module).items()
+                 if not k.startswith("_") and isinstance(v, (int, float, bool, tuple, str))}
+        saved.append((module, dict(module._parameters), dict(module._buffers), attrs))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        for module, params, buffers, attrs in saved:
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            for k, v in attrs.items():
+                setattr(module, k, v)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+
+
+def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Physically remove the planned channels from ``structure.model``, all or nothing.
+
+    Frozen parameters stay frozen and every module keeps its train/eval mode. Returns the
+    applied plan (sorted indices). ``structure`` describes the model before pruning and is
+    stale afterwards: build a new one for further work.
+    """
+    steps = validate_plan(structure, plan)
+    if not steps:
+        return {}
+    model, graph = structure.model, structure.graph
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    modes = [(m, m.training) for m in model.modules()]
+    with _atomic(model):
+        for name, idxs in steps.items():
+            root = model.get_submodule(name)
+            pruner = graph.get_pruner_of_module(root)
+            group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
+            group.prune(record_history=False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        for m, training in modes:
+            m.training = training
+        _check_forward(model, structure.example_inputs)
+    return steps
+
+
+def _check_forward(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Run the pruned model once so a broken surgery fails here, inside the rollback."""
+    was = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for m, training in was:
+            m.training = training
+
+
+def plan_to_history_step(plan: Mapping[str, Sequence[int]]) -> list[dict[str, object]]:
+    """One history entry: plain names and ints (safe for ``weights_only`` loading)."""
+    return [{"group": name, "indices": [int(i) for i in idxs]} for name, idxs in plan.items()]
+
+
+def replay_history(
+    model: nn.Module,
+    history: Iterable[Sequence[Mapping[str, object]]],
+    example_inputs: torch.Tensor,
+) -> nn.Module:
+    """Apply a recorded history to a freshly built model (in place); returns the model."""
+    for step in history:
+        plan = {str(e["group"]): list(e["indices"]) for e in step}  # type: ignore[call-overload]
+        prune_channels(ChannelStructure.build(model, example_inputs), plan)
+    return model
