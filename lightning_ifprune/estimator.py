@@ -91,7 +91,7 @@ class MaskSpace:
 
     def __init__(self, structure: ChannelStructure, params: dict[str, nn.Parameter]) -> None:
         self.sizes = {n: g.size for n, g in structure.groups.items()}
-        self.slots = []  # (group, param name, positions, channels, is_conv, depthwise)
+        self.slots = []  # (group, param name, positions, channels, depthwise)
         for gname, group in structure.groups.items():
             for slot in group.consumers:
                 module = structure.model.get_submodule(slot.module)
@@ -99,12 +99,12 @@ class MaskSpace:
                 if pname not in params:
                     continue  # a frozen consumer: its weights are not part of w
                 depthwise = isinstance(module, _CONV) and module.groups > 1
-                self.slots.append((gname, pname, slot.positions, slot.channels, isinstance(module, _CONV), depthwise))
+                self.slots.append((gname, pname, slot.positions, slot.channels, depthwise))
 
     def expand(self, v: MaskVec, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``E v``: mask vectors with a leading probe dim → weight-space tensors (same lead)."""
         out = {}
-        for gname, pname, pos, ch, is_conv, depthwise in self.slots:
+        for gname, pname, pos, ch, depthwise in self.slots:
             w = like[pname]
             vals = v[gname][..., ch.to(w.device)]  # (…, P)
             if pname not in out:
@@ -122,7 +122,7 @@ class MaskSpace:
     def reduce(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> MaskVec:
         """``Eᵀ t``: weight-space tensors with a leading probe dim → mask vectors (same lead)."""
         out: MaskVec = {}
-        for gname, pname, pos, ch, _is_conv, depthwise in self.slots:
+        for gname, pname, pos, ch, depthwise in self.slots:
             x = t[pname]
             dim = 1 if depthwise else 2
             cols = x.index_select(dim, pos.to(x.device)).movedim(dim, -1)  # (K, rest…, P)
