@@ -121,13 +121,15 @@ class MaskSpace:
 
     def reduce(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> MaskVec:
         """``Eᵀ t``: weight-space tensors with a leading probe dim → mask vectors (same lead)."""
-        out: MaskVec = {}
+        lead = next(iter(t.values()))
+        out: MaskVec = {g: torch.zeros(lead.shape[0], n, dtype=dtype, device=lead.device)
+                        for g, n in self.sizes.items()}
         for gname, pname, pos, ch, depthwise in self.slots:
             x = t[pname]
             dim = 1 if depthwise else 2
             cols = x.index_select(dim, pos.to(x.device)).movedim(dim, -1)  # (K, rest…, P)
             summed = cols.flatten(1, -2).sum(1)  # (K, P)
-            acc = out.setdefault(gname, torch.zeros(x.shape[0], self.sizes[gname], dtype=dtype, device=x.device))
+            acc = out[gname]
             acc.index_add_(acc.dim() - 1, ch.to(x.device), summed.to(dtype))
         return out
 

@@ -1,0 +1,105 @@
+"""Every baseline criterion against a hand computation on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import tiny_setup
+from torch import nn
+
+import lightning_ifprune as lip
+from lightning_ifprune.structure import ChannelStructure
+from lightning_ifprune.surgery import prune_channels
+
+
+@pytest.fixture
+def tiny():
+    model, structure, x, y = tiny_setup(seed=1)
+    return model, x, y
+
+
+def _batch_stat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss with BN on batch statistics and running stats untouched (as the criteria see it)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.track_running_stats = False
+    model.train()
+    try:
+        return F.cross_entropy(model(x), y)
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def _mask_grads_by_autograd(model, x, y):
+    """∂L/∂m through real mask tensors in the forward pass (independent of MaskSpace)."""
+    structure = ChannelStructure.build(model, x[:1])
+    masks = {n: torch.ones(g.size, dtype=x.dtype, requires_grad=True) for n, g in structure.groups.items()}
+    with lip.channel_masks(structure, masks):
+        loss = _batch_stat_loss(model, x, y)
+    grads = torch.autograd.grad(loss, list(masks.values()))
+    return dict(zip(masks, grads, strict=True))
+
+
+def test_magnitude_and_bn_scale(tiny) -> None:
+    model, x, y = tiny
+    l1 = lip.score_channels(model, criterion="magnitude", example_inputs=x[:1])
+    l2 = lip.score_channels(model, criterion="magnitude", example_inputs=x[:1], p=2)
+    bn = lip.score_channels(model, criterion="bn_scale", example_inputs=x[:1])
+    assert torch.allclose(l1["conv1"], model.conv1.weight.abs().sum((1, 2, 3)))
+    assert torch.allclose(l2["conv2"], model.conv2.weight.pow(2).sum((1, 2, 3)).sqrt())
+    assert torch.allclose(bn["conv2"], model.bn2.weight.abs())
+
+
+def test_taylor_and_fisher_accumulate_over_batches(tiny) -> None:
+    model, x, y = tiny
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    per_batch = [_mask_grads_by_autograd(model, bx, by) for bx, by in batches]
+    taylor = lip.score_channels(model, batches, F.cross_entropy, "taylor")
+    fisher = lip.score_channels(model, batches, F.cross_entropy, "fisher")
+    for name in taylor:
+        assert torch.allclose(taylor[name], sum(g[name].abs() for g in per_batch), rtol=1e-10)
+        assert torch.allclose(fisher[name], sum(g[name] ** 2 for g in per_batch), rtol=1e-10)
+
+
+def test_loss_drop_equals_loss_of_the_physically_pruned_model(tiny) -> None:
+    model, x, y = tiny
+    scores = lip.score_channels(model, [(x, y)], F.cross_entropy, "loss_drop")
+    base = _batch_stat_loss(model, x, y).item()
+    for name, k in (("conv1", 2), ("conv2", 0)):
+        pruned = copy.deepcopy(model)
+        prune_channels(ChannelStructure.build(pruned, x[:1]), {name: [k]})
+        expected = _batch_stat_loss(pruned, x, y).item() - base
+        assert scores[name][k].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_random_is_seeded_and_callables_are_accepted(tiny) -> None:
+    model, x, _ = tiny
+    a = lip.score_channels(model, criterion="random", example_inputs=x[:1], seed=4)
+    b = lip.score_channels(model, criterion="random", example_inputs=x[:1], seed=4)
+    c = lip.score_channels(model, criterion="random", example_inputs=x[:1], seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["conv1"], c["conv1"])
+
+    def by_index(structure, batches, loss_fn):
+        return {n: torch.arange(g.size, dtype=torch.float) for n, g in structure.groups.items()}
+
+    custom = lip.score_channels(model, criterion=by_index, example_inputs=x[:1])
+    assert torch.equal(custom["conv1"], torch.arange(4, dtype=torch.float))
+
+
+def test_criterion_errors(tiny) -> None:
+    model, x, y = tiny
+    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+        lip.score_channels(model, criterion="nope", example_inputs=x[:1])
+    with pytest.raises(ValueError, match="needs loss_fn"):
+        lip.score_channels(model, [(x, y)], criterion="taylor")
+    with pytest.raises(TypeError, match="unknown influence options"):
+        lip.score_channels(model, [(x, y)], F.cross_entropy, "influence", probs="ones")
+    with pytest.raises(ValueError, match="got 1 scores"):
+        lip.score_channels(model, criterion=lambda s, b, f: {n: torch.ones(1) for n in s.groups},
+                           example_inputs=x[:1])
+    with pytest.raises(ValueError, match="example_inputs"):
+        lip.score_channels(model, criterion="magnitude")

@@ -1,0 +1,197 @@
+"""The influence estimator against explicit Hessians of a tiny float64 model with masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import explicit_hessian, tiny_setup
+
+from lightning_ifprune.estimator import (
+    BatchHessian,
+    EstimatorOptions,
+    MaskSpace,
+    _solve,
+    estimate,
+    estimation_mode,
+)
+
+LAM = 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, structure, x, y = tiny_setup()
+    grad, hess, nw, names, sizes = explicit_hessian(model, structure, x, y, LAM)
+    return model, structure, x, y, grad, hess, nw, sizes
+
+
+def _flat_m(d, sizes):
+    return torch.cat([d[g][0] for g in sizes])
+
+
+def _split_m(v, sizes):
+    out, j = {}, 0
+    for g, k in sizes.items():
+        out[g] = v[None, j:j + k]
+        j += k
+    return out
+
+
+def _split_w(v, params):
+    out, i = {}, 0
+    for n, p in params.items():
+        out[n] = v[i:i + p.numel()].view(1, *p.shape)
+        i += p.numel()
+    return out
+
+
+def _flat_w(d, params):
+    return torch.cat([d[n][0].flatten() for n in params])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_every_product_matches_the_explicit_hessian(tiny) -> None:
+    model, structure, x, y, grad, hess, nw, sizes = tiny
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    space = MaskSpace(structure, params)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(sum(sizes.values()), generator=gen, dtype=torch.float64)
+    u = torch.randn(nw, generator=gen, dtype=torch.float64)
+    with estimation_mode(model):
+        hb = BatchHessian(model, params, (x, y), F.cross_entropy, None)
+        w = {k: p.detach() for k, p in params.items()}
+        g = hb.grad
+        g_m = space.reduce({k: (w[k] * g[k])[None] for k in w}, dtype=torch.float64)
+        ez = space.expand(_split_m(v, sizes), w)
+        wez = {n: w[n] * ez[n] if n in ez else torch.zeros(1, *w[n].shape, dtype=w[n].dtype) for n in w}
+        a = hb.hvp(wez)
+        h_wm_v = {n: a[n] + (g[n] * ez[n] if n in ez else 0) for n in w}
+        h_mm_v = space.reduce({n: w[n] * a[n] for n in w}, dtype=torch.float64)
+        ud = _split_w(u, params)
+        hu = hb.hvp(ud)
+        h_ww_u = {n: hu[n] + LAM * ud[n] for n in w}
+        h_mw_u = space.reduce({n: g[n] * ud[n] + w[n] * hu[n] for n in w}, dtype=torch.float64)
+    assert _rel(_flat_m(g_m, sizes), grad[nw:]) <= 1e-8
+    assert _rel(_flat_w(h_wm_v, params), hess[:nw, nw:] @ v) <= 1e-8
+    assert _rel(_flat_m(h_mm_v, sizes), hess[nw:, nw:] @ v) <= 1e-8
+    assert _rel(_flat_w(h_ww_u, params), hess[:nw, :nw] @ u) <= 1e-8
+    assert _rel(_flat_m(h_mw_u, sizes), hess[nw:, :nw] @ u) <= 1e-8
+
+
+def test_cg_matches_an_explicit_solve(tiny) -> None:
+    model, structure, x, y, grad, hess, nw, sizes = tiny
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    damping = 25.0  # shifts the (indefinite) Hessian to positive definite: CG then solves it
+    opts = EstimatorOptions(inverse="cg", cg_iters=nw, weight_decay=LAM, damping=damping)
+    b = torch.randn(nw, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    matrix = hess[:nw, :nw] + damping * torch.eye(nw, dtype=torch.float64)
+    assert torch.linalg.eigvalsh(matrix).min() > 0
+    with estimation_mode(model):
+        hb = BatchHessian(model, params, (x, y), F.cross_entropy, None)
+        got = _flat_w(_solve(hb, _split_w(b, params), opts), params)
+    assert _rel(got, torch.linalg.solve(matrix, b)) <= 1e-6
+
+
+def _schur_parts(hess, nw, inverse):
+    h_mm, h_mw, h_wm = hess[nw:, nw:], hess[nw:, :nw], hess[:nw, nw:]
+    return h_mm, h_mw @ inverse @ h_wm
+
+
+def test_paper_score_equals_explicit_formula(tiny) -> None:
+    model, structure, x, y, grad, hess, nw, sizes = tiny
+    _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
+    expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
+    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
+    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
+
+
+def test_retrained_score_with_exact_probes_equals_explicit_schur_diagonal(tiny) -> None:
+    model, structure, x, y, grad, hess, nw, sizes = tiny
+    inverse = torch.eye(nw, dtype=torch.float64) / LAM
+    h_mm, influence = _schur_parts(hess, nw, inverse)
+    expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
+    opts = EstimatorOptions(score="retrained", probes="exact", inverse="identity", weight_decay=LAM)
+    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
+
+
+def test_hutchinson_mean_converges_to_the_explicit_diagonal(tiny) -> None:
+    model, structure, x, y, grad, hess, nw, sizes = tiny
+    h_mm, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
+    expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
+    errors = []
+    for probes in (8, 512):
+        opts = EstimatorOptions(score="retrained", probes="rademacher", num_probes=probes,
+                                probe_batch=64, inverse="identity", weight_decay=LAM, seed=3)
+        got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+        errors.append(_rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected))
+    assert errors[1] < 0.15 and errors[1] < errors[0]
+
+
+def test_estimation_restores_state_grads_and_modes(tiny) -> None:
+    model, structure, x, y, *_ = tiny
+    model.train()
+    model.bn2.eval()
+    model.fc.weight.requires_grad_(False)
+    model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
+    try:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        modes = [m.training for m in model.modules()]
+        estimate(structure, [(x, y), (x * 2, y)], F.cross_entropy,
+                 EstimatorOptions(num_probes=4, cg_iters=3, weight_decay=LAM))
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert [m.training for m in model.modules()] == modes
+        assert torch.equal(model.conv1.weight.grad, torch.ones_like(model.conv1.weight))
+        assert model.conv2.weight.grad is None and not model.fc.weight.requires_grad
+        assert all(m.track_running_stats for m in (model.bn1, model.bn2))
+    finally:
+        model.fc.weight.requires_grad_(True)
+        model.conv1.weight.grad = None
+
+
+def test_estimation_under_autocast_runs_in_float32() -> None:
+    model, structure, x, y = tiny_setup()
+    model.float()
+    structure = type(structure).build(model, x[:2].float())
+    seen = []
+    hook = model.conv2.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
+    try:
+        reference = estimate(structure, [(x.float(), y)], F.cross_entropy, opts).scores
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = estimate(structure, [(x.float(), y)], F.cross_entropy, opts).scores
+    finally:
+        hook.remove()
+    assert seen and all(d == torch.float32 for d in seen)
+    assert all(torch.equal(got[k], reference[k]) for k in got)
+
+
+def test_micro_batches_without_norm_layers_give_the_same_scores() -> None:
+    model, structure, x, y = tiny_setup()
+    # Without batch statistics the loss is a plain mean over samples, so splitting is exact.
+    model.bn1, model.bn2 = torch.nn.Identity(), torch.nn.Identity()
+    structure = type(structure).build(model, x[:2])
+    opts = dict(score="paper", probes="ones", inverse="cg", cg_iters=4, weight_decay=LAM)
+    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(**opts)).scores
+    split = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batch_size=2, **opts)).scores
+    assert all(torch.allclose(whole[k], split[k], rtol=1e-10, atol=0) for k in whole)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(score="bogus"), "score must be one of"),
+        (dict(score="retrained", probes="ones"), "needs per-channel diagonals"),
+        (dict(inverse="identity", weight_decay=0.0), "weight_decay > 0"),
+        (dict(num_probes=0), "num_probes"),
+        (dict(micro_batch_size=0), "micro_batch_size"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        EstimatorOptions(**kwargs)
