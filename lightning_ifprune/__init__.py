@@ -4,6 +4,8 @@ The package reads like the paper: channel structure → estimator → selection 
 callback → app. The first four work on any ``nn.Module``.
 """
 
+from lightning_ifprune.callback import InfluencePruningCallback
+from lightning_ifprune.checkpoint import PrunableMixin, load_pruned_checkpoint
 from lightning_ifprune.criteria import CRITERIA, ChannelScores, score_channels
 from lightning_ifprune.estimator import EstimatorOptions, estimate
 from lightning_ifprune.selection import Baseline, PruneReport, prune_to_target
@@ -18,11 +20,14 @@ __all__ = [
     "ChannelScores",
     "ChannelStructure",
     "EstimatorOptions",
+    "InfluencePruningCallback",
+    "PrunableMixin",
     "PruneReport",
     "PruningPlanError",
     "UnsupportedModelError",
     "channel_masks",
     "estimate",
+    "load_pruned_checkpoint",
     "prune_channels",
     "prune_to_target",
     "replay_history",

@@ -87,10 +87,13 @@ def select_channels(
     fraction: float,
     normalize: str = "sqrt",
     baseline: Baseline | None = None,
+    max_channels: int | None = None,
 ) -> dict[str, list[int]]:
     """The plan that brings ``resource`` to at most ``fraction`` of ``baseline``.
 
-    Raises ``ValueError`` if the target cannot be reached within the groups' minimums.
+    With ``max_channels``, at most that many of the lowest-ranked channels are taken (one
+    progressive step toward the target). Raises ``ValueError`` if the target cannot be
+    reached within the groups' minimums.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -144,6 +147,8 @@ def select_channels(
             hi = mid
         else:
             lo = mid
+    if max_channels is not None:
+        hi = min(hi, max_channels)
     plan: dict[str, list[int]] = {}
     for name, idx in admissible[:hi]:
         plan.setdefault(name, []).append(idx)

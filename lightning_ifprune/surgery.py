@@ -145,3 +145,51 @@ def replay_history(
         plan = {str(e["group"]): list(e["indices"]) for e in step}  # type: ignore[call-overload]
         prune_channels(ChannelStructure.build(model, example_inputs), plan)
     return model
+
+
+def parameter_slices(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> dict[str, dict[int, list[int]]]:
+    """Which entries of each parameter a plan removes: ``{param name: {dim: indices}}``.
+
+    Computed from the same dependency groups the surgery uses, before anything changes, so
+    tensors shaped like a parameter (optimizer moments, say) can be sliced to match.
+    """
+    steps = validate_plan(structure, plan)
+    model, graph = structure.model, structure.graph
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, dict[int, list[int]]] = {}
+
+    def add(module: nn.Module, attr: str, dim: int, idxs: Sequence[int]) -> None:
+        if getattr(module, attr, None) is None or not isinstance(getattr(module, attr), nn.Parameter):
+            return
+        prefix = names[module]
+        key = f"{prefix}.{attr}" if prefix else attr
+        out.setdefault(key, {}).setdefault(dim, [])
+        out[key][dim] = sorted(set(out[key][dim]) | {int(i) for i in idxs})
+
+    for name, idxs in steps.items():
+        root = model.get_submodule(name)
+        group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(module, nn.Module) or module not in names:
+                continue
+            depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not depthwise:
+                if graph.is_out_channel_pruning_fn(handler):
+                    add(module, "weight", 0, item.idxs)
+                    add(module, "bias", 0, item.idxs)
+                else:
+                    add(module, "weight", 1, item.idxs)
+            elif isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.PReLU)):
+                add(module, "weight", 0, item.idxs)
+                add(module, "bias", 0, item.idxs)
+    return out
+
+
+def slice_like(tensor: torch.Tensor, removed: Mapping[int, Sequence[int]]) -> torch.Tensor:
+    """``tensor`` with the entries listed in ``removed`` ({dim: indices}) dropped."""
+    for dim, idxs in removed.items():
+        drop = set(idxs)
+        keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in drop], device=tensor.device)
+        tensor = tensor.index_select(dim, keep)
+    return tensor
