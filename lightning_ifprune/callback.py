@@ -160,10 +160,16 @@ class InfluencePruningCallback(Callback):
         name = type(trainer.strategy).__name__
         if "FSDP" in name or "DeepSpeed" in name:
             raise RuntimeError(f"InfluencePruningCallback does not support the {name} strategy (use ddp)")
-        ckpt_path = getattr(trainer, "ckpt_path", None)
-        if ckpt_path:  # rebuild the pruned layers before Lightning loads the weights
-            checkpoint = trainer.strategy.checkpoint_io.load_checkpoint(ckpt_path)
-            restore_architecture(pl_module, checkpoint)
+        # Lightning calls the module's on_load_checkpoint right before it loads the weights of
+        # fit(ckpt_path=...): rebuild the pruned layers there (what PrunableMixin does).
+        original = pl_module.on_load_checkpoint
+        if not getattr(original, "_restores_pruning", False):
+            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+                restore_architecture(pl_module, checkpoint)
+                original(checkpoint)
+
+            on_load_checkpoint._restores_pruning = True  # type: ignore[attr-defined]
+            pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         example = self._example(trainer, pl_module)
