@@ -2,7 +2,8 @@
 
 Usage: python tests/_ddp_run.py OUT.json [--no-rewrap]. Ranks see different data shards;
 after every round and at every epoch end the ranks' parameter checksums and shapes are
-gathered and compared; rank 0 writes the verdict to OUT.json.
+gathered and compared; rank 0 writes the verdict to OUT.json. DDP runs with
+``find_unused_parameters`` so that a missing re-wrap does not crash but diverges silently.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
                                           estimator={"num_probes": 4, "cg_iters": 4},
                                           example_input=torch.zeros(1, 1, 8, 8))
     check = RankCheck()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[pruner, check])
     trainer.fit(module, loader(512))

@@ -233,7 +233,7 @@ def test_empty_dataloader_and_unsupported_strategies() -> None:
         pruner.setup(FakeTrainer(), module, "fit")
 
 
-def _ddp(tmp_path: Path, rewrap: bool) -> subprocess.CompletedProcess:
+def _ddp(tmp_path: Path, rewrap: bool) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / ("ok.json" if rewrap else "broken.json")
     script = Path(__file__).with_name("_ddp_run.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
@@ -248,7 +248,9 @@ def test_ddp_ranks_stay_identical_and_the_check_can_fail(tmp_path: Path) -> None
     report = json.loads(out.read_text())
     assert report["rounds"] == 2 and report["checks"] >= 4
     assert report["identical"], report
-    # Without re-wrapping DDP around the pruned module the ranks silently diverge.
+    # Without re-wrapping DDP around the pruned module the run goes on, and the ranks
+    # silently diverge from the first epoch trained after a round: the check sees it.
     proc, out = _ddp(tmp_path, rewrap=False)
-    diverged = proc.returncode != 0 or not json.loads(out.read_text())["identical"]
-    assert diverged, "the DDP check did not notice a missing re-wrap"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    broken = json.loads(out.read_text())
+    assert broken["per_check"][:3] == [True, True, True] and not broken["identical"]
