@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) train.py $(ARGS)
+	$(PY) train.py prune=influence $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check lightning_ifprune tests benchmarks examples train.py
