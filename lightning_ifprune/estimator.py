@@ -198,8 +198,12 @@ class BatchHessian:
                 part = {k: g.detach() for k, g in zip(self.params, grads, strict=True)}
             else:
                 outs = [dirs[k] for k in self.params]
-                res = torch.autograd.grad(grads, list(self.params.values()), grad_outputs=outs,
-                                          retain_graph=True, is_grads_batched=True, allow_unused=True)
+                single = outs[0].shape[0] == 1  # one direction: skip vmap's overhead
+                res = torch.autograd.grad(grads, list(self.params.values()),
+                                          grad_outputs=[o[0] for o in outs] if single else outs,
+                                          retain_graph=True, is_grads_batched=not single, allow_unused=True)
+                if single:
+                    res = tuple(None if r is None else r.unsqueeze(0) for r in res)
                 part = {k: (r if r is not None else torch.zeros_like(o)) for k, r, o in zip(self.params, res, outs, strict=True)}
             for k, v in part.items():
                 total[k] = total[k] + weight * v if k in total else weight * v
