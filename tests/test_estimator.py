@@ -15,6 +15,7 @@ from lightning_ifprune.estimator import (
     estimate,
     estimation_mode,
 )
+from lightning_ifprune.surgery import prune_channels
 
 LAM = 1e-2
 
@@ -195,3 +196,16 @@ def test_micro_batches_without_norm_layers_give_the_same_scores() -> None:
 def test_bad_options_are_refused(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         EstimatorOptions(**kwargs)
+
+
+def test_sync_batchnorm_is_estimated_per_rank_and_kept() -> None:
+    model, structure, x, y = tiny_setup()
+    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
+    reference = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    structure = type(structure).build(synced, x[:2])
+    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    assert all(torch.allclose(got[k], reference[k], rtol=1e-12, atol=0) for k in got)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 2
+    prune_channels(structure, {"conv1": [0]})  # surgery keeps the synchronised layers
+    assert isinstance(synced.bn1, torch.nn.SyncBatchNorm) and synced.bn1.num_features == 3
