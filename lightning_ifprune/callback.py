@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from tqdm.auto import tqdm
 
 from lightning_ifprune.checkpoint import (
     pruning_state,
@@ -250,7 +251,9 @@ class InfluencePruningCallback(Callback):
             return {}
         batches = self._draw_batches(trainer, pl_module) if self._needs_data() else []
         options = self._estimator_options(trainer) if self.criterion == "influence" else dict(self.estimator_options)
-        scores = score_structure(structure, batches, self.loss_fn, self.criterion, **options)
+        shown = tqdm(batches, desc="[ifprune] scoring", leave=False, dynamic_ncols=True,
+                     disable=not (self.verbose and trainer.is_global_zero and len(batches) > 1))
+        scores = score_structure(structure, shown, self.loss_fn, self.criterion, **options)
         flat = torch.cat([s.double().flatten() for s in scores.values()]).to(pl_module.device)
         flat = trainer.strategy.reduce(flat, reduce_op="mean") if trainer.world_size > 1 else flat
         if not torch.isfinite(flat).all():

@@ -128,7 +128,7 @@ def _influence(structure: ChannelStructure, batches, loss_fn, **options) -> Scor
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown influence options {unknown}; valid: {sorted(known)}")
-    return estimate(structure, list(batches), loss_fn, EstimatorOptions(**options)).scores
+    return estimate(structure, batches, loss_fn, EstimatorOptions(**options)).scores
 
 
 CRITERIA: dict[str, CriterionFn] = {

@@ -19,7 +19,7 @@ each identity against the explicit Hessian of a masked float64 model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -302,7 +302,7 @@ def _probe_stack(sizes: dict[str, int], opts: EstimatorOptions, gen: torch.Gener
 
 def estimate(
     structure: ChannelStructure,
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     loss_fn: LossFn,
     options: EstimatorOptions | None = None,
 ) -> EstimateResult:
