@@ -36,6 +36,7 @@ from lightning_ifprune.selection import (
     Baseline,
     baseline_of,
     parse_target,
+    resource_size,
     select_channels,
 )
 from lightning_ifprune.structure import ChannelStructure
@@ -185,7 +186,7 @@ class InfluencePruningCallback(Callback):
             structure = self._structure(pl_module, example)  # min_channels of the original widths
         floor = {n: g.min_keep for n, g in structure.groups.items()}
         removable = {n: g.size - floor[n] for n, g in structure.groups.items()}
-        smallest = self._size(structure, removable)
+        smallest = resource_size(structure, self.resource, removable)
         if smallest > self.target * getattr(self.baseline, self.resource):
             raise ValueError(
                 f"target_{self.resource}={self.target:g} is unreachable: the model cannot go below "
@@ -244,7 +245,7 @@ class InfluencePruningCallback(Callback):
         start = time.perf_counter()
         example = self._example(trainer, pl_module)
         structure = self._structure(pl_module, example)
-        size = self._size(structure, {})
+        size = resource_size(structure, self.resource, {})
         limit = self.target * getattr(self.baseline, self.resource)
         if size <= limit:
             self.finished = True
@@ -306,12 +307,6 @@ class InfluencePruningCallback(Callback):
     def _structure(self, pl_module: LightningModule, example: torch.Tensor) -> ChannelStructure:
         return ChannelStructure.build(pl_module, example, ignored_layers=self.ignored_layers,
                                       min_channels=self.min_channels, original_sizes=self.original_sizes or None)
-
-    def _size(self, structure: ChannelStructure, removed: Mapping[str, int]) -> int:
-        if self.resource == "channels":
-            return sum(structure.widths().values()) - sum(removed.values())
-        flops, params = structure.cost(removed)
-        return flops if self.resource == "flops" else params
 
     def _needs_data(self) -> bool:
         return callable(self.criterion) or self.criterion in DATA_CRITERIA

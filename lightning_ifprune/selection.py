@@ -64,6 +64,14 @@ def parse_target(flops: float | None, params: float | None, channels: float | No
     return name, float(value)
 
 
+def resource_size(structure: ChannelStructure, resource: str, removed: Mapping[str, int]) -> int:
+    """MACs, parameters or channels of the model after removing ``removed[g]`` channels per group."""
+    if resource == "channels":
+        return sum(structure.widths().values()) - sum(removed.values())
+    flops, params = structure.cost(removed)
+    return flops if resource == "flops" else params
+
+
 def _check_scores(structure: ChannelStructure, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     missing = sorted(set(structure.groups) - set(scores))
     extra = sorted(set(scores) - set(structure.groups))
@@ -104,10 +112,7 @@ def select_channels(
     limit = fraction * getattr(baseline, resource)
 
     def size(removed: Mapping[str, int]) -> int:
-        if resource == "channels":
-            return sum(structure.widths().values()) - sum(removed.values())
-        flops, params = structure.cost(removed)
-        return flops if resource == "flops" else params
+        return resource_size(structure, resource, removed)
 
     if size({}) <= limit:
         return {}
