@@ -12,9 +12,17 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lightning_ifprune.app import build_callbacks, build_loggers, build_module, instantiate_named
+from lightning_ifprune import InfluencePruningCallback
+from lightning_ifprune.app import (
+    build_callbacks,
+    build_loggers,
+    build_module,
+    instantiate_named,
+    phase_optimization_nodes,
+    set_phase_optimization,
+)
 from lightning_ifprune.data import ImageDataModule
 from lightning_ifprune.module import ImageClassifier
 
@@ -44,8 +52,14 @@ def test_groups_have_the_expected_options() -> None:
     }  # fmt: skip
     assert set(options("trainer")) >= {"cpu", "gpu", "ddp", "ddp_cpu"}
     assert set(options("logger")) >= {"csv", "tensorboard"}
-    assert "none" in options("prune")
-    assert options("experiment")
+    assert set(options("prune")) == {
+        "none", "influence", "influence_paper", "fisher", "taylor", "magnitude", "bn_scale", "random",
+        "loss_drop",
+    }  # fmt: skip
+    assert set(options("experiment")) >= {
+        "resnet32_cifar10_flops50", "resnet32_cifar10_flops60", "vgg16bn_cifar10_flops50",
+        "vgg16bn_cifar10_flops30", "resnet50_imagenet_flops50", "digits_compare", "digits_small",
+    }  # fmt: skip
 
 
 def test_default_config(tmp_path: Path) -> None:
@@ -55,6 +69,8 @@ def test_default_config(tmp_path: Path) -> None:
     assert cfg.seed == 0 and cfg.data.seed == 0
     assert "_target_" not in cfg.prune
     assert build_callbacks(cfg) == []
+    assert cfg.pretrain.epochs > 0 and cfg.finetune.epochs is None and cfg.init_from is None
+    assert cfg.export.enabled and cfg.report.latency_batch_size > 0
 
 
 @pytest.mark.parametrize("name", options("data"))
@@ -120,15 +136,98 @@ def test_prune_options(name: str, tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, f"prune={name}")
     assert cfg.prune.name == name
     callbacks = build_callbacks(cfg)
-    assert len(callbacks) == ("_target_" in cfg.prune)
-    assert all(isinstance(c, pl.Callback) for c in callbacks)
+    assert len(callbacks) == ("_target_" in cfg.prune) == (name != "none")
+    for callback in callbacks:
+        assert isinstance(callback, InfluencePruningCallback)
+        assert (callback.resource, callback.target) == ("flops", 0.5)
+        assert callback.criterion == ("influence" if name.startswith("influence") else name)
+        assert callback.start_epoch == 0  # counted from the start of the prune phase
+        assert (callback.every_n_steps is not None) == (name == "influence_paper")
+        assert callback.normalize == "sqrt"
+    if name == "influence_paper":
+        assert callbacks[0].estimator_options == {"score": "paper", "probes": "ones", "inverse": "identity"}
+        assert callbacks[0].channels_per_step == 1
+
+
+@pytest.mark.parametrize("name", ["influence", "magnitude"])
+def test_prune_schedule_and_target_are_overridable(name: str, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, f"prune={name}", "prune.target_flops=0.3", "prune.rounds=5",
+                   "prune.end_epoch=4", "+prune.estimator.num_probes=2" if name == "influence" else "seed=1")
+    (callback,) = build_callbacks(cfg)
+    assert callback.target == 0.3 and callback.round_epochs() == [0, 1, 2, 3, 4]
+    if name == "influence":
+        assert callback.estimator_options == {"num_probes": 2}
+
+
+def test_unknown_prune_option_lists_the_available_ones(tmp_path: Path) -> None:
+    with pytest.raises(MissingConfigException) as info:
+        make_cfg(tmp_path, "prune=bogus")
+    message = str(info.value)
+    assert "bogus" in message and "Available options" in message
+    for name in options("prune"):
+        assert name in message
 
 
 @pytest.mark.parametrize("name", options("experiment"))
-def test_experiment_options_compose(name: str, tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, f"experiment={name}")
+def test_experiment_options_instantiate(name: str, tmp_path: Path) -> None:
+    """Every experiment composes; its data module, module, phase optimizers/schedulers and
+    prune callback instantiate (without reading data)."""
+    cfg = make_cfg(tmp_path, f"experiment={name}", f"data_dir={tmp_path}")
     assert cfg.task_name == name
     assert cfg.data.name and cfg.model.name
+    dm = instantiate_named(cfg.data)
+    assert isinstance(dm, ImageDataModule)
+    module = build_module(cfg, dm)
+    for phase, epochs in (("pretrain", cfg.pretrain.epochs), (None, cfg.trainer.max_epochs),
+                          ("finetune", cfg.finetune.epochs or 1)):
+        set_phase_optimization(module, cfg, phase, epochs)
+        optimizer = module.optimizer_factory(module.parameters())
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        if module.scheduler_factory is not None:
+            module.scheduler_factory(optimizer)
+    assert len(build_callbacks(cfg)) == (cfg.prune.name != "none")
+
+
+@pytest.mark.parametrize("name", ["resnet32_cifar10_flops50", "resnet32_cifar10_flops60",
+                                  "vgg16bn_cifar10_flops50", "vgg16bn_cifar10_flops30"])
+def test_paper_experiments_use_the_reference_settings(name: str, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, f"experiment={name}")
+    target = {"50": 0.5, "60": 0.6, "30": 0.3}[name[-2:]]
+    assert (cfg.data.name, cfg.data.batch_size) == ("cifar10", 128)
+    assert cfg.model.name == ("resnet32" if name.startswith("resnet") else "vgg16_bn_cifar")
+    opt = cfg.model.optimizer
+    assert (opt._target_, opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (
+        "torch.optim.SGD", 0.1, 0.9, 1.0e-4, False
+    )  # fmt: skip
+    (callback,) = build_callbacks(cfg)
+    assert (callback.target, callback.every_n_steps, callback.channels_per_step, callback.normalize) == (
+        target, 10, 1, "sqrt"
+    )  # fmt: skip
+    assert callback.estimator_options["score"] == "paper" and callback.estimator_options["inverse"] == "identity"
+    assert cfg.pretrain.epochs == 200 and cfg.finetune.epochs == 200
+    for phase in ("pretrain", "finetune"):
+        _, scheduler = phase_optimization_nodes(cfg, phase, 200)
+        assert scheduler["_target_"] == "torch.optim.lr_scheduler.MultiStepLR"
+        assert (scheduler["milestones"], scheduler["gamma"]) == ([120, 160], 0.1)
+    assert phase_optimization_nodes(cfg, None, cfg.trainer.max_epochs)[1] is None  # constant lr while pruning
+
+
+def test_phase_schedules_span_their_own_phase(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "pretrain.epochs=7", "trainer.max_epochs=11", "finetune.epochs=5")
+    assert phase_optimization_nodes(cfg, "pretrain", 7)[1]["T_max"] == 7
+    assert phase_optimization_nodes(cfg, None, 11)[1]["T_max"] == 11
+    assert phase_optimization_nodes(cfg, "finetune", 5)[1]["T_max"] == 5
+    assert cfg.model.scheduler.T_max == 11  # the config itself is untouched
+
+
+def test_digits_compare_shares_the_pretrained_net(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "3", "experiment=digits_compare", "prune=taylor", "prune.target_flops=0.3")
+    assert cfg.pretrain.cache_dir == f"{tmp_path / '3'}/../pretrain_cache"
+    (callback,) = build_callbacks(cfg)
+    assert (callback.criterion, callback.target, callback.round_epochs()) == ("taylor", 0.3, [0, 1])
+    assert cfg.trainer.max_epochs > 1
+    paper = build_callbacks(make_cfg(tmp_path, "experiment=digits_compare", "prune=influence_paper"))[0]
+    assert paper.every_n_steps is None and paper.round_epochs() == [0, 1]  # the same schedule for all
 
 
 def test_digits_experiment_overrides_widths(tmp_path: Path) -> None:
@@ -145,13 +244,11 @@ def test_unknown_option_lists_the_available_ones(tmp_path: Path) -> None:
         assert name in message
 
 
-def test_prune_node_with_target_becomes_a_callback(tmp_path: Path) -> None:
+def test_prune_node_with_target_becomes_a_callback() -> None:
     """The app's contract for prune configs: ``name`` is dropped, the rest instantiated."""
-    cfg = make_cfg(
-        tmp_path,
-        "+prune._target_=lightning.pytorch.callbacks.Timer",
-        "+prune.duration=00:00:01:00",
-    )
+    cfg = OmegaConf.create({"prune": {
+        "name": "timer", "_target_": "lightning.pytorch.callbacks.Timer", "duration": "00:00:01:00",
+    }})  # fmt: skip
     (callback,) = build_callbacks(cfg)
     assert isinstance(callback, pl.callbacks.Timer)
     assert callback._duration == 60
