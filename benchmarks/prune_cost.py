@@ -1,13 +1,14 @@
 """Cost of the pruning rounds inside ``fit``, in epochs of training compute.
 
 ResNet-32 on CIFAR-shaped synthetic data (3×32×32, 10 classes, batch 128) is pruned to
-50 % of its FLOPs by ``InfluencePruningCallback`` with its default settings (3 rounds,
-2 batches per round, the default influence estimator). The wall time of the rounds is
+50 % of its FLOPs by ``InfluencePruningCallback`` with its default schedule (one round,
+2 batches) after one dense epoch, with the default influence estimator or the options given
+with ``--estimator`` (JSON, e.g. '{"score": "paper", "probes": "ones"}'). The wall time of the rounds is
 divided by the time of one CIFAR-10 training epoch (391 steps of batch 128), estimated from
 the median time of the training steps measured in the same run on the dense model. The
 reference spends about 57 epochs of training compute in its pruning phase (spec §3).
 
-Run: ``python benchmarks/prune_cost.py [--model resnet32] [--device cpu|cuda] [--quick]``.
+Run: ``python benchmarks/prune_cost.py [--model resnet32] [--device cpu|cuda] [--estimator JSON] [--quick]``.
 Prints a table and writes ``benchmarks/results/prune_cost.json``.
 """
 
@@ -51,7 +52,7 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def run(model_name: str, device: str, steps: int, batch: int) -> dict:
+def run(model_name: str, device: str, steps: int, batch: int, estimator: dict) -> dict:
     L.seed_everything(0)
     data = SyntheticDataModule(input_shape=(3, 32, 32), num_classes=10, num_samples=steps * batch,
                                num_eval_samples=batch, batch_size=batch)
@@ -60,10 +61,10 @@ def run(model_name: str, device: str, steps: int, batch: int) -> dict:
     dense = count_macs(net, example)
     module = ImageClassifier(net, 10, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9,
                                                                            weight_decay=1e-4))
-    pruner = InfluencePruningCallback(target_flops=0.5, start_epoch=1, rounds=3, example_input=example,
-                                      verbose=False)
+    pruner = InfluencePruningCallback(target_flops=0.5, start_epoch=1, example_input=example,
+                                      estimator=estimator, verbose=False)
     timer = StepTimer()
-    trainer = L.Trainer(max_epochs=4, accelerator=device, devices=1, logger=False,
+    trainer = L.Trainer(max_epochs=2, accelerator=device, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[pruner, timer], limit_val_batches=0)
     trainer.fit(module, datamodule=data)
@@ -72,7 +73,7 @@ def run(model_name: str, device: str, steps: int, batch: int) -> dict:
     epoch_s = step_s * CIFAR_STEPS_PER_EPOCH
     rounds_s = sum(pruner.round_times)
     return {
-        "model": model_name, "batch": batch, "device": device,
+        "model": model_name, "batch": batch, "device": device, "estimator": estimator or "default",
         "flops_kept": count_macs(module.net.cpu(), example) / dense,
         "train_step_s": step_s, "cifar_epoch_s": epoch_s,
         "round_s": pruner.round_times, "rounds_total_s": rounds_s,
@@ -86,12 +87,14 @@ def main() -> None:
     parser.add_argument("--model", default="resnet32")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=6, help="training steps per epoch in this run")
+    parser.add_argument("--estimator", default="{}", help="estimator options as JSON (default: defaults)")
     parser.add_argument("--quick", action="store_true", help="3 steps per epoch")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prune_cost.json"))
     args = parser.parse_args()
-    result = run(args.model, args.device, 3 if args.quick else args.steps, 128)
+    result = run(args.model, args.device, 3 if args.quick else args.steps, 128, json.loads(args.estimator))
     result.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                   device_name=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor())
+    print(f"estimator: {result['estimator']}")
     print(f"{'model':10} {'step s':>8} {'epoch s (391 steps)':>20} {'rounds s':>9} {'rounds / epoch':>15} {'FLOPs kept':>11}")
     print(f"{result['model']:10} {result['train_step_s']:8.3f} {result['cifar_epoch_s']:20.1f} "
           f"{result['rounds_total_s']:9.1f} {result['rounds_in_epochs']:15.3f} {result['flops_kept']:11.3f}")

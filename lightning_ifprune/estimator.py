@@ -56,7 +56,7 @@ class EstimatorOptions:
     num_probes: int = 16
     probe_batch: int = 1
     weight_decay: float = 0.0
-    damping: float = 1e-3
+    damping: float = 1e-2
     cg_iters: int = 10
     neumann_terms: int = 20
     neumann_scale: float = 0.05
