@@ -157,10 +157,14 @@ def set_phase_optimization(module: ImageClassifier, cfg: DictConfig, phase: str 
 
 
 def make_trainer(cfg: DictConfig, phase: str, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """A ``Trainer`` of ``cfg.trainer`` for one phase, logging under ``<logger>/<phase>``."""
+    """A ``Trainer`` of ``cfg.trainer`` for one phase, logging under ``<logger>/<phase>``
+    (without loggers, its checkpoints go to ``<default_root_dir>/<phase>/checkpoints``)."""
     loggers = build_loggers(cfg, version=phase)
+    extra: dict[str, Any] = {}
+    if not loggers and cfg.trainer.get("default_root_dir"):
+        extra["default_root_dir"] = str(Path(cfg.trainer.default_root_dir) / phase)  # checkpoints per phase
     trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=int(epochs), logger=loggers or False,
-                                      callbacks=callbacks)
+                                      callbacks=callbacks, **extra)
     hparams = OmegaConf.to_container(phase_config(cfg, epochs), resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams({"phase": phase, **hparams})  # type: ignore[dict-item]
@@ -409,6 +413,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     # The in-memory data modules use no loader workers on purpose.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.output_dir)
     report_cfg = cfg.get("report") or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    """The app sets torch's thread count (num_threads); give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_cfg(out: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=[f"output_dir={out}", *TINY, *overrides])
@@ -36,9 +45,12 @@ def make_cfg(out: Path, *overrides: str) -> DictConfig:
 def three_phase(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Pre-train 1 epoch, prune in one round at the start of phase 2, fine-tune 1 epoch apart."""
     out = tmp_path_factory.mktemp("three_phase")
+    threads = torch.get_num_threads()
     cfg = make_cfg(out, "prune=magnitude", "pretrain.epochs=1", "trainer.max_epochs=3", "prune.start_epoch=0",
                    "prune.end_epoch=0", "prune.rounds=1", "prune.target_flops=0.4", "finetune.epochs=1")
-    return out, train(cfg)
+    summary = train(cfg)
+    torch.set_num_threads(threads)
+    return out, summary
 
 
 def test_three_phases(three_phase: tuple[Path, dict]) -> None:
@@ -121,6 +133,7 @@ def test_pretrain_cache_gives_the_same_run(tmp_path: Path) -> None:
             "export.enabled=false", "report.plot=false", "~logger"]
     first = train(make_cfg(tmp_path / "a", *args))
     assert not first["pretrain_cached"] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert list((tmp_path / "a" / "pretrain" / "checkpoints").glob("*.ckpt"))  # no logger: per-phase dirs
     second = train(make_cfg(tmp_path / "b", *args))
     assert second["pretrain_cached"]
     assert second["wall_pretrain_s"] == first["wall_pretrain_s"]

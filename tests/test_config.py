@@ -71,6 +71,7 @@ def test_default_config(tmp_path: Path) -> None:
     assert build_callbacks(cfg) == []
     assert cfg.pretrain.epochs > 0 and cfg.finetune.epochs is None and cfg.init_from is None
     assert cfg.export.enabled and cfg.report.latency_batch_size > 0
+    assert cfg.num_threads == 1
 
 
 @pytest.mark.parametrize("name", options("data"))
@@ -157,6 +158,11 @@ def test_prune_schedule_and_target_are_overridable(name: str, tmp_path: Path) ->
     assert callback.target == 0.3 and callback.round_epochs() == [0, 1, 2, 3, 4]
     if name == "influence":
         assert callback.estimator_options == {"num_probes": 2}
+    # One round per epoch unless end_epoch spreads them (README: prune.rounds=5 alone works).
+    (callback,) = build_callbacks(make_cfg(tmp_path, f"prune={name}", "prune.rounds=5"))
+    assert callback.round_epochs() == [0, 1, 2, 3, 4]
+    (callback,) = build_callbacks(make_cfg(tmp_path, f"prune={name}"))
+    assert callback.round_epochs() == [0, 1, 2] and callback.split == "geometric"
 
 
 def test_unknown_prune_option_lists_the_available_ones(tmp_path: Path) -> None:
@@ -210,6 +216,7 @@ def test_paper_experiments_use_the_reference_settings(name: str, tmp_path: Path)
         assert scheduler["_target_"] == "torch.optim.lr_scheduler.MultiStepLR"
         assert (scheduler["milestones"], scheduler["gamma"]) == ([120, 160], 0.1)
     assert phase_optimization_nodes(cfg, None, cfg.trainer.max_epochs)[1] is None  # constant lr while pruning
+    assert cfg.num_threads is None and cfg.trainer.accelerator == "gpu"
 
 
 def test_phase_schedules_span_their_own_phase(tmp_path: Path) -> None:
