@@ -39,6 +39,7 @@ def pruned_small_cnn() -> tuple[nn.Module, torch.Tensor, list]:
     return net.eval(), x, history
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 def test_export_and_load_back(tmp_path: Path) -> None:
     net, x, history = pruned_small_cnn()
     expected = net(x)

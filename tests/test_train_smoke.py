@@ -39,6 +39,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 def test_prune_influence_writes_a_complete_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run("train.py", "prune=influence", *TINY, "+prune.estimator.num_probes=2", "prune.target_flops=0.6",
