@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_ifprune.models.blocks import conv_bn_relu
+
 
 class SmallCNN(nn.Module):
     """conv3x3-BN-ReLU blocks of the given ``widths``, a 2x2 max-pool after each block but
@@ -26,11 +28,7 @@ class SmallCNN(nn.Module):
         for i, width in enumerate(int(w) for w in widths):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
-            layers += [
-                nn.Conv2d(prev, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-            ]
+            layers += conv_bn_relu(prev, width)
             prev = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

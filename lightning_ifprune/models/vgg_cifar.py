@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_ifprune.models.blocks import conv_bn_relu
+
 # Output channels per conv layer; "M" is a 2x2 max-pool.
 VGG16_LAYOUT: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -27,11 +29,7 @@ class VGG16BNCifar(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 width = int(item)
-                layers += [
-                    nn.Conv2d(prev, width, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(),
-                ]
+                layers += conv_bn_relu(prev, width)
                 prev = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(prev, num_classes)
