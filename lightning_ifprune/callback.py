@@ -193,8 +193,9 @@ class InfluencePruningCallback(Callback):
                 f"{smallest / getattr(self.baseline, self.resource):.3f} with min_channels={self.min_channels!r} "
                 f"and ignored_layers={list(self.ignored_layers)}"
             )
-        if self.criterion == "influence" and self._estimator_options(trainer)["inverse"] == "identity" \
-                and self._estimator_options(trainer)["weight_decay"] <= 0:
+        options = self._estimator_options(trainer)
+        if self.criterion == "influence" and options.get("inverse", EstimatorOptions.inverse) == "identity" \
+                and options["weight_decay"] <= 0:
             raise ValueError("influence with inverse='identity' needs the optimizer's weight_decay > 0 "
                              "(or estimator={'weight_decay': ...})")
 
@@ -316,8 +317,7 @@ class InfluencePruningCallback(Callback):
         if "weight_decay" not in options:
             decays = [g.get("weight_decay", 0.0) for o in trainer.optimizers for g in o.param_groups]
             options["weight_decay"] = float(decays[0]) if decays else 0.0
-        defaults = {f: getattr(EstimatorOptions(weight_decay=1.0), f) for f in ("inverse",)}
-        return {**defaults, **options}
+        return options
 
     def _example(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
         if self.example_input is None:

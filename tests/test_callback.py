@@ -254,3 +254,12 @@ def test_ddp_ranks_stay_identical_and_the_check_can_fail(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     broken = json.loads(out.read_text())
     assert broken["per_check"][:3] == [True, True, True] and not broken["identical"]
+
+
+def test_identity_inverse_needs_weight_decay(tmp_path: Path) -> None:
+    module = classifier()
+    module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.05)  # no weight decay
+    pruner = lip.InfluencePruningCallback(target_flops=0.5, example_input=EXAMPLE,
+                                          estimator={"score": "paper", "inverse": "identity"})
+    with pytest.raises(ValueError, match="needs the optimizer's weight_decay > 0"):
+        _trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
