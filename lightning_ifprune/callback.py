@@ -281,7 +281,7 @@ class InfluencePruningCallback(Callback):
             trainer.strategy._register_ddp_hooks()
         elapsed = time.perf_counter() - start
         self.round_times.append(elapsed)
-        self._log(trainer, pl_module, example, agreed, elapsed)
+        self._log(trainer, structure, applied, agreed, elapsed)
         return applied
 
     def _repoint_optimizers(self, trainer: Trainer, old: dict[str, nn.Parameter],
@@ -356,21 +356,23 @@ class InfluencePruningCallback(Callback):
             raise ValueError("InfluencePruningCallback: the training dataloader is empty")
         return batches
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, example: torch.Tensor,
+    def _log(self, trainer: Trainer, structure: ChannelStructure, applied: Mapping[str, Sequence[int]],
              scores: Mapping[str, torch.Tensor], elapsed: float) -> None:
-        structure = self._structure(pl_module, example)
-        flops, params = structure.cost()
+        """Log the model after the round from the pre-round structure's exact cost model."""
+        removed = {n: len(v) for n, v in applied.items()}
+        flops, params = structure.cost(removed)
+        widths = {n: w - removed.get(n, 0) for n, w in structure.widths().items()}
         base = self.baseline
         flat = torch.cat(list(scores.values())).double()
         metrics = {
             "prune/flops": float(flops), "prune/params": float(params),
             "prune/flops_kept": flops / base.flops, "prune/params_kept": params / base.params,
-            "prune/channels": float(sum(structure.widths().values())),
+            "prune/channels": float(sum(widths.values())),
             "prune/round_s": elapsed,
             "prune/score_mean": float(flat.mean()), "prune/score_std": float(flat.std()) if flat.numel() > 1 else 0.0,
             "prune/score_min": float(flat.min()), "prune/score_max": float(flat.max()),
         }
-        metrics.update({f"prune/width/{n}": float(w) for n, w in structure.widths().items()})
+        metrics.update({f"prune/width/{n}": float(w) for n, w in widths.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose and self.every_n_steps is None:
