@@ -93,6 +93,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ifprune.estimator import EstimatorOptions
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "estimator_cost.json"
 WEIGHT_DECAY = 1e-4
@@ -110,39 +112,44 @@ class Mode:
 
 
 def _est(score: str, probes: str, inverse: str, **extra: Any) -> dict[str, Any]:
-    return {"score": score, "probes": probes, "inverse": inverse,
+    """Options of a measured mode: one micro-batch (one graph for all products, the fastest)."""
+    return {"score": score, "probes": probes, "inverse": inverse, "micro_batches": 1,
             "weight_decay": WEIGHT_DECAY, **extra}
 
 
+_DEFAULTS = EstimatorOptions()
+DEFAULT_MODE = (f"default: {_DEFAULTS.score}/{_DEFAULTS.probes}/{_DEFAULTS.inverse}"
+                f"{_DEFAULTS.cg_iters if _DEFAULTS.inverse == 'cg' else ''} mb{_DEFAULTS.micro_batches}")
 MODES: tuple[Mode, ...] = (
     Mode("train_step", "train"),
     Mode("fd_reference", "fd"),
     Mode("taylor", "criterion", {"criterion": "taylor"}),
     Mode("fisher", "criterion", {"criterion": "fisher"}),
     Mode("paper/ones/identity", "estimator", _est("paper", "ones", "identity")),
+    Mode(DEFAULT_MODE, "estimator", {"weight_decay": WEIGHT_DECAY}),
     Mode("paper/ones/cg10", "estimator", _est("paper", "ones", "cg", cg_iters=10)),
     Mode("paper/ones/neumann20", "estimator", _est("paper", "ones", "neumann", neumann_terms=20)),
     Mode("retrained/rademacher/identity P16", "estimator",
          _est("retrained", "rademacher", "identity", num_probes=16, probe_batch=16)),
+    Mode("retrained/rademacher/cg5 P4", "estimator",
+         _est("retrained", "rademacher", "cg", cg_iters=5, num_probes=4)),
     Mode("retrained/rademacher/cg10 P4", "estimator",
          _est("retrained", "rademacher", "cg", cg_iters=10, num_probes=4, probe_batch=4)),
-    Mode("retrained/rademacher/cg10 P16 (default)", "estimator",
+    Mode("retrained/rademacher/cg10 P16", "estimator",
          _est("retrained", "rademacher", "cg", cg_iters=10, num_probes=16, probe_batch=16)),
 )
 PAPER = "paper/ones/identity"
-DEFAULT_MODE = "retrained/rademacher/cg10 P16 (default)"
 MODE_BY_NAME = {m.name: m for m in MODES}
 
 
 def hvp_plan(options: dict[str, Any]) -> tuple[int, int]:
     """(probe-batch width k, number of ``BatchHessian.hvp`` calls) of one estimator batch."""
-    if options["probes"] == "ones":
+    opts = EstimatorOptions(**options)
+    if opts.probes == "ones":
         chunks, k = 1, 1
     else:
-        n, pb = int(options.get("num_probes", 16)), int(options.get("probe_batch", 16))
-        chunks, k = math.ceil(n / pb), min(n, pb)
-    inner = {"identity": 0, "cg": int(options.get("cg_iters", 10)),
-             "neumann": int(options.get("neumann_terms", 20)) - 1}[options["inverse"]]
+        chunks, k = math.ceil(opts.num_probes / opts.probe_batch), min(opts.num_probes, opts.probe_batch)
+    inner = {"identity": 0, "cg": opts.cg_iters, "neumann": opts.neumann_terms - 1}[opts.inverse]
     return k, chunks * (2 + inner)
 
 
@@ -334,7 +341,7 @@ def fd_reference(structure: Any, x: torch.Tensor, y: torch.Tensor,
 def _child(spec: Spec) -> dict[str, Any]:
     """Measure one mode in this (fresh) process; returns a JSON-able dict."""
     from lightning_ifprune.criteria import score_structure
-    from lightning_ifprune.estimator import EstimatorOptions, estimate
+    from lightning_ifprune.estimator import estimate
     from lightning_ifprune.structure import ChannelStructure
 
     model, x, y, device = _setup(spec)
@@ -432,7 +439,7 @@ def _child(spec: Spec) -> dict[str, Any]:
 
 
 def _compare_fd(structure: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    from lightning_ifprune.estimator import EstimatorOptions, estimate
+    from lightning_ifprune.estimator import estimate
 
     fd = fd_reference(structure, x, y)
     exact = estimate(structure, [(x, y)], F.cross_entropy,

@@ -48,6 +48,10 @@ class EstimatorOptions:
     (directions batched with vmap; 1 is the fastest and leanest on CPU, where vmap loops the
     convolutions anyway). ``inverse``: ``identity`` (1/λ),
     ``cg`` (``cg_iters`` steps on H_ww + δI) or ``neumann`` (``neumann_terms`` terms).
+    ``micro_batches``: each batch is split into this many parts. With 1, one double-backward
+    graph serves every product (fastest, about 3.3× a training step's peak memory); with 2
+    (the default) each product re-runs the halves, for about half the memory and 1.4× the
+    time. Norm layers then see half-batch statistics.
 
     Defaults (paper score, all-ones direction, CG inverse) are the measured trade-off: on the
     fidelity benchmark they match the best baselines at 12 products per batch, and they prune
@@ -64,7 +68,7 @@ class EstimatorOptions:
     cg_iters: int = 10
     neumann_terms: int = 20
     neumann_scale: float = 0.05
-    micro_batch_size: int | None = None
+    micro_batches: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,13 +79,11 @@ class EstimatorOptions:
             raise ValueError("score='retrained' needs per-channel diagonals: use probes='rademacher' or 'exact'")
         if self.inverse == "identity" and self.weight_decay <= 0:
             raise ValueError("inverse='identity' uses 1/weight_decay: give weight_decay > 0")
-        for key in ("num_probes", "probe_batch", "cg_iters", "neumann_terms"):
+        for key in ("num_probes", "probe_batch", "cg_iters", "neumann_terms", "micro_batches"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)!r}")
         if self.weight_decay < 0 or self.damping < 0:
             raise ValueError("weight_decay and damping must be ≥ 0")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be ≥ 1 or None, got {self.micro_batch_size!r}")
 
 
 @dataclass
@@ -189,12 +191,12 @@ class BatchHessian:
     """
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
-                 loss_fn: LossFn, micro_batch_size: int | None) -> None:
+                 loss_fn: LossFn, micro_batches: int = 1) -> None:
         self.model, self.params, self.loss_fn = model, params, loss_fn
         x, y = batch
         n = x.shape[0]
-        size = micro_batch_size or n
-        self.chunks = [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
+        self.chunks = [c for c in zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches), strict=True)
+                       if c[0].shape[0]]
         self.n = n
         self._graph: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
         self.loss = 0.0
@@ -330,7 +332,7 @@ def estimate(
         for x, y in batches:
             x = x.to(ref.device, dtype if x.is_floating_point() else x.dtype)
             y = y.to(ref.device)
-            hess = BatchHessian(model, params, (x, y), loss_fn, opts.micro_batch_size)
+            hess = BatchHessian(model, params, (x, y), loss_fn, opts.micro_batches)
             losses.append(hess.loss)
             w = {k: p.detach() for k, p in params.items()}
             g = hess.grad

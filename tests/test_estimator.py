@@ -63,7 +63,7 @@ def test_every_product_matches_the_explicit_hessian(tiny) -> None:
     v = torch.randn(sum(sizes.values()), generator=gen, dtype=torch.float64)
     u = torch.randn(nw, generator=gen, dtype=torch.float64)
     with estimation_mode(model):
-        hb = BatchHessian(model, params, (x, y), F.cross_entropy, None)
+        hb = BatchHessian(model, params, (x, y), F.cross_entropy)
         w = {k: p.detach() for k, p in params.items()}
         g = hb.grad
         g_m = space.reduce({k: (w[k] * g[k])[None] for k in w}, dtype=torch.float64)
@@ -92,7 +92,7 @@ def test_cg_matches_an_explicit_solve(tiny) -> None:
     matrix = hess[:nw, :nw] + damping * torch.eye(nw, dtype=torch.float64)
     assert torch.linalg.eigvalsh(matrix).min() > 0
     with estimation_mode(model):
-        hb = BatchHessian(model, params, (x, y), F.cross_entropy, None)
+        hb = BatchHessian(model, params, (x, y), F.cross_entropy)
         got = _flat_w(_solve(hb, _split_w(b, params), opts), params)
     assert _rel(got, torch.linalg.solve(matrix, b)) <= 1e-6
 
@@ -106,7 +106,7 @@ def test_paper_score_equals_explicit_formula(tiny) -> None:
     model, structure, x, y, grad, hess, nw, sizes = tiny
     _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
     expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
-    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
+    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1)
     got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
 
@@ -116,7 +116,7 @@ def test_retrained_score_with_exact_probes_equals_explicit_schur_diagonal(tiny) 
     inverse = torch.eye(nw, dtype=torch.float64) / LAM
     h_mm, influence = _schur_parts(hess, nw, inverse)
     expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
-    opts = EstimatorOptions(score="retrained", probes="exact", inverse="identity", weight_decay=LAM)
+    opts = EstimatorOptions(score="retrained", probes="exact", inverse="identity", weight_decay=LAM, micro_batches=1)
     got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
 
@@ -128,7 +128,7 @@ def test_hutchinson_mean_converges_to_the_explicit_diagonal(tiny) -> None:
     errors = []
     for probes in (8, 512):
         opts = EstimatorOptions(score="retrained", probes="rademacher", num_probes=probes,
-                                probe_batch=64, inverse="identity", weight_decay=LAM, seed=3)
+                                probe_batch=64, inverse="identity", weight_decay=LAM, seed=3, micro_batches=1)
         got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
         errors.append(_rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected))
     assert errors[1] < 0.15 and errors[1] < errors[0]
@@ -178,9 +178,27 @@ def test_micro_batches_without_norm_layers_give_the_same_scores() -> None:
     model.bn1, model.bn2 = torch.nn.Identity(), torch.nn.Identity()
     structure = type(structure).build(model, x[:2])
     opts = dict(score="paper", probes="ones", inverse="cg", cg_iters=4, weight_decay=LAM)
-    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(**opts)).scores
-    split = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batch_size=2, **opts)).scores
+    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batches=1, **opts)).scores
+    split = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batches=3, **opts)).scores
     assert all(torch.allclose(whole[k], split[k], rtol=1e-10, atol=0) for k in whole)
+
+
+def test_micro_batches_with_batch_norm_estimate_the_mean_of_the_parts() -> None:
+    # With BN, two micro-batches are two half-batch losses (each with its own statistics):
+    # the default's scores are those of the explicit Hessian of their mean.
+    model, structure, x, y = tiny_setup()
+    parts = [explicit_hessian(model, structure, x[i:i + 3], y[i:i + 3], LAM) for i in (0, 3)]
+    nw = parts[0][2]
+    hess = 0.5 * (parts[0][1] + parts[1][1])
+    _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
+    expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
+    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
+    assert opts.micro_batches == 2
+    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    assert _rel(_flat_m({k: v[None] for k, v in got.items()}, parts[0][4]), expected) <= 1e-8
+    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(
+        score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1)).scores
+    assert not all(torch.allclose(whole[k], got[k]) for k in got)  # the split really changes BN
 
 
 @pytest.mark.parametrize(
@@ -190,7 +208,7 @@ def test_micro_batches_without_norm_layers_give_the_same_scores() -> None:
         (dict(score="retrained", probes="ones"), "needs per-channel diagonals"),
         (dict(inverse="identity", weight_decay=0.0), "weight_decay > 0"),
         (dict(num_probes=0), "num_probes"),
-        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(micro_batches=0), "micro_batches"),
     ],
 )
 def test_bad_options_are_refused(kwargs, match) -> None:
