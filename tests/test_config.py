@@ -146,7 +146,8 @@ def test_prune_options(name: str, tmp_path: Path) -> None:
         assert (callback.every_n_steps is not None) == (name == "influence_paper")
         assert callback.normalize == "sqrt"
     if name == "influence_paper":
-        assert callbacks[0].estimator_options == {"score": "paper", "probes": "ones", "inverse": "identity"}
+        assert callbacks[0].estimator_options == {"score": "paper", "probes": "ones", "inverse": "identity",
+                                                  "micro_batches": 1}
         assert callbacks[0].channels_per_step == 1
 
 
