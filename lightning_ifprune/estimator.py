@@ -196,8 +196,8 @@ class BatchHessian:
         self.model, self.params, self.loss_fn = model, params, loss_fn
         x, y = batch
         n = x.shape[0]
-        self.chunks = [c for c in zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches), strict=True)
-                       if c[0].shape[0]]
+        parts = max(1, min(micro_batches, n // 2))  # ≥ 2 samples per part: batch statistics need them
+        self.chunks = list(zip(x.tensor_split(parts), y.tensor_split(parts), strict=True))
         self.n = n
         self._graph: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
         self.loss = 0.0

@@ -15,6 +15,7 @@ from lightning_ifprune.estimator import (
     estimate,
     estimation_mode,
 )
+from lightning_ifprune.structure import ChannelStructure
 from lightning_ifprune.surgery import prune_channels
 
 LAM = 1e-2
@@ -199,6 +200,19 @@ def test_micro_batches_with_batch_norm_estimate_the_mean_of_the_parts() -> None:
     whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(
         score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1)).scores
     assert not all(torch.allclose(whole[k], got[k]) for k in got)  # the split really changes BN
+
+
+def test_micro_batches_never_leave_a_single_sample_for_batch_norm() -> None:
+    # BatchNorm1d cannot normalise one sample in training mode: a batch of 3 is not split.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    structure = ChannelStructure.build(model, x[:2])
+    opts = dict(score="paper", probes="ones", inverse="cg", cg_iters=3, weight_decay=LAM)
+    split = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(**opts)).scores
+    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batches=1, **opts)).scores
+    assert all(torch.equal(split[k], whole[k]) for k in whole)
 
 
 @pytest.mark.parametrize(
