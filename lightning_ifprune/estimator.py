@@ -48,10 +48,11 @@ class EstimatorOptions:
     (directions batched with vmap; 1 is the fastest and leanest on CPU, where vmap loops the
     convolutions anyway). ``inverse``: ``identity`` (1/λ),
     ``cg`` (``cg_iters`` steps on H_ww + δI) or ``neumann`` (``neumann_terms`` terms).
-    ``micro_batches``: each batch is split into this many parts. With 1, one double-backward
-    graph serves every product (fastest, about 3.3× a training step's peak memory); with 2
-    (the default) each product re-runs the halves, for about 2.1× a training step's memory
-    and 1.4× the time. Norm layers then see half-batch statistics.
+    ``micro_batches``: each batch is split into this many parts, of two samples at least.
+    With 1, one double-backward graph serves every product (fastest, about 3.3× a training
+    step's peak memory); with 2 (the default) each product re-runs the halves, for about
+    2.1× a training step's memory and 1.4× the time. Norm layers then see half-batch
+    statistics.
 
     Defaults (paper score, all-ones direction, CG inverse, two micro-batches) are the measured
     trade-off: on the fidelity benchmark they match the best baselines at 12 products per
