@@ -398,6 +398,19 @@ def removed_weights(structure: ChannelStructure, obj: FastObjective) -> list[tor
     return out
 
 
+def removal(obj: FastObjective, v: torch.Tensor, dead: list[torch.Tensor], k: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channel k removed from weights v: (indices of the weights still free, mask with m_k = 0,
+    v with the channel's producer rows, bias and consumer columns set to 0)."""
+    keep = torch.ones(obj.num_params, dtype=torch.bool)
+    keep[dead[k]] = False
+    mask = torch.ones(obj.num_masks, dtype=DTYPE)
+    mask[k] = 0.0
+    start = v.clone()
+    start[dead[k]] = 0.0
+    return keep.nonzero().flatten(), mask, start
+
+
 def check_parity(model: DigitsCNN, structure: ChannelStructure, obj: FastObjective, v: torch.Tensor,
                  dead: list[torch.Tensor]) -> float:
     """The fast objective equals the module under channel_masks; removed weights have zero grad."""
@@ -414,10 +427,7 @@ def check_parity(model: DigitsCNN, structure: ChannelStructure, obj: FastObjecti
     if err > 1e-10:
         raise RuntimeError(f"fast objective differs from the module under channel_masks by {err:.2e}")
     for k, idx in enumerate(dead):
-        mk = torch.ones(obj.num_masks, dtype=DTYPE)
-        mk[k] = 0.0
-        vk = v.clone()
-        vk[idx] = 0.0
+        _, mk, vk = removal(obj, v, dead, k)
         _, grad = obj.loss_and_grad(vk, mk)
         same = float((obj.logits(vk, torch.ones_like(mk)) - obj.logits(v, mk)).abs().max())
         if float(grad[idx].abs().max()) != 0.0 or same > 1e-12:
@@ -504,16 +514,9 @@ def newton_reference(obj: FastObjective, v: torch.Tensor, h_ww: torch.Tensor, de
     """The spec's ``newton`` score, exactly: remove channel k (mask 0, its weights 0), take one
     full Newton step of the remaining weights with the exact base Hessian, δw = −H_ww⁻¹ ∇_w L,
     and report the loss there minus the base loss — a finite step instead of a Taylor expansion."""
-    ones = torch.ones(obj.num_masks, dtype=DTYPE)
     out = []
-    for k, idx in enumerate(dead):
-        keep = torch.ones(obj.num_params, dtype=torch.bool)
-        keep[idx] = False
-        free = keep.nonzero().flatten()
-        mask = ones.clone()
-        mask[k] = 0.0
-        start = v.clone()
-        start[idx] = 0.0
+    for k in range(len(dead)):
+        free, mask, start = removal(obj, v, dead, k)
         _, grad = obj.loss_and_grad(start, mask)
         step = torch.linalg.solve(h_ww[free][:, free], grad[free])
         out.append(obj.loss_and_grad(start.index_add(0, free, -step), mask)[0] - base_loss)
@@ -588,13 +591,7 @@ def run_seed(seed: int, cfg: Config, say: Callable[[str], None]) -> dict[str, An
         ctrl = minimize(obj, start, ones, all_free, prec_all, cfg.tol, cfg.max_evals_retrain, cfg.history)
         fits = []
         for k in range(n_ch):
-            keep = torch.ones(p, dtype=torch.bool)
-            keep[dead[k]] = False
-            free = keep.nonzero().flatten()
-            mk = ones.clone()
-            mk[k] = 0.0
-            vk = start.clone()
-            vk[dead[k]] = 0.0
+            free, mk, vk = removal(obj, start, dead, k)
             prec = Precond(h_ww[free][:, free])
             fits.append(minimize(obj, vk, mk, free, prec, cfg.tol, cfg.max_evals_retrain, cfg.history))
         ref = min(base.loss, ctrl.loss)
