@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) train.py prune=influence $(ARGS)
 
+SOURCES := lightning_ifprune tests benchmarks examples train.py
+
 test: $(STAMP)
-	$(PY) -m ruff check lightning_ifprune tests benchmarks examples train.py
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check .
+	$(PY) -m ruff check --fix $(SOURCES)
+	$(PY) -m ruff format $(SOURCES)
 
 bench: $(STAMP)
 	$(PY) benchmarks/estimator_cost.py

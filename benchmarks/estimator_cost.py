@@ -94,6 +94,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ifprune.estimator import EstimatorOptions
+from lightning_ifprune.loss import supervised
+
+CE = supervised(F.cross_entropy)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "estimator_cost.json"
@@ -113,13 +116,21 @@ class Mode:
 
 def _est(score: str, probes: str, inverse: str, **extra: Any) -> dict[str, Any]:
     """Options of a measured mode: one micro-batch (one graph for all products, the fastest)."""
-    return {"score": score, "probes": probes, "inverse": inverse, "micro_batches": 1,
-            "weight_decay": WEIGHT_DECAY, **extra}
+    return {
+        "score": score,
+        "probes": probes,
+        "inverse": inverse,
+        "micro_batches": 1,
+        "weight_decay": WEIGHT_DECAY,
+        **extra,
+    }
 
 
 _DEFAULTS = EstimatorOptions()
-DEFAULT_MODE = (f"default: {_DEFAULTS.score}/{_DEFAULTS.probes}/{_DEFAULTS.inverse}"
-                f"{_DEFAULTS.cg_iters if _DEFAULTS.inverse == 'cg' else ''} mb{_DEFAULTS.micro_batches}")
+DEFAULT_MODE = (
+    f"default: {_DEFAULTS.score}/{_DEFAULTS.probes}/{_DEFAULTS.inverse}"
+    f"{_DEFAULTS.cg_iters if _DEFAULTS.inverse == 'cg' else ''} mb{_DEFAULTS.micro_batches}"
+)
 MODES: tuple[Mode, ...] = (
     Mode("train_step", "train"),
     Mode("fd_reference", "fd"),
@@ -129,14 +140,26 @@ MODES: tuple[Mode, ...] = (
     Mode(DEFAULT_MODE, "estimator", {"weight_decay": WEIGHT_DECAY}),
     Mode("paper/ones/cg10", "estimator", _est("paper", "ones", "cg", cg_iters=10)),
     Mode("paper/ones/neumann20", "estimator", _est("paper", "ones", "neumann", neumann_terms=20)),
-    Mode("retrained/rademacher/identity P16", "estimator",
-         _est("retrained", "rademacher", "identity", num_probes=16, probe_batch=16)),
-    Mode("retrained/rademacher/cg5 P4", "estimator",
-         _est("retrained", "rademacher", "cg", cg_iters=5, num_probes=4)),
-    Mode("retrained/rademacher/cg10 P4", "estimator",
-         _est("retrained", "rademacher", "cg", cg_iters=10, num_probes=4, probe_batch=4)),
-    Mode("retrained/rademacher/cg10 P16", "estimator",
-         _est("retrained", "rademacher", "cg", cg_iters=10, num_probes=16, probe_batch=16)),
+    Mode(
+        "retrained/rademacher/identity P16",
+        "estimator",
+        _est("retrained", "rademacher", "identity", num_probes=16, probe_batch=16),
+    ),
+    Mode(
+        "retrained/rademacher/cg5 P4",
+        "estimator",
+        _est("retrained", "rademacher", "cg", cg_iters=5, num_probes=4),
+    ),
+    Mode(
+        "retrained/rademacher/cg10 P4",
+        "estimator",
+        _est("retrained", "rademacher", "cg", cg_iters=10, num_probes=4, probe_batch=4),
+    ),
+    Mode(
+        "retrained/rademacher/cg10 P16",
+        "estimator",
+        _est("retrained", "rademacher", "cg", cg_iters=10, num_probes=16, probe_batch=16),
+    ),
 )
 PAPER = "paper/ones/identity"
 MODE_BY_NAME = {m.name: m for m in MODES}
@@ -148,7 +171,10 @@ def hvp_plan(options: dict[str, Any]) -> tuple[int, int]:
     if opts.probes == "ones":
         chunks, k = 1, 1
     else:
-        chunks, k = math.ceil(opts.num_probes / opts.probe_batch), min(opts.num_probes, opts.probe_batch)
+        chunks, k = (
+            math.ceil(opts.num_probes / opts.probe_batch),
+            min(opts.num_probes, opts.probe_batch),
+        )
     inner = {"identity": 0, "cg": opts.cg_iters, "neumann": opts.neumann_terms - 1}[opts.inverse]
     return k, chunks * (2 + inner)
 
@@ -228,10 +254,10 @@ class HvpMeter:
         self.hvps: list[tuple[int, float, float]] = []  # (k, duration, end since start)
 
     def install(self) -> None:
-        from lightning_ifprune import estimator as est
+        from lightning_ifprune.estimator.hessian import BatchHessian
 
         meter = self
-        orig_init, orig_hvp = est.BatchHessian.__init__, est.BatchHessian.hvp
+        orig_init, orig_hvp = BatchHessian.__init__, BatchHessian.hvp
 
         def init(self: Any, *args: Any, **kwargs: Any) -> None:
             t0 = time.perf_counter()
@@ -248,13 +274,12 @@ class HvpMeter:
             t1 = time.perf_counter()
             k = int(next(iter(dirs.values())).shape[0])
             meter.hvps.append((k, t1 - t0, t1 - meter.start))
-            if (meter.deadline_s is not None and t1 - meter.start >= meter.deadline_s
-                    and len(meter.hvps) < meter.total):
+            if meter.deadline_s is not None and t1 - meter.start >= meter.deadline_s and len(meter.hvps) < meter.total:
                 raise _Stop
             return out
 
-        est.BatchHessian.__init__ = init  # type: ignore[method-assign]
-        est.BatchHessian.hvp = hvp  # type: ignore[method-assign]
+        BatchHessian.__init__ = init  # type: ignore[method-assign]
+        BatchHessian.hvp = hvp  # type: ignore[method-assign]
 
 
 @dataclass
@@ -288,8 +313,9 @@ def _setup(spec: Spec) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.dev
     return model, x, y, device
 
 
-def fd_reference(structure: Any, x: torch.Tensor, y: torch.Tensor,
-                 weight_decay: float = WEIGHT_DECAY) -> dict[str, torch.Tensor]:
+def fd_reference(
+    structure: Any, x: torch.Tensor, y: torch.Tensor, weight_decay: float = WEIGHT_DECAY
+) -> dict[str, torch.Tensor]:
     """The reference scheme: |H_mw H_ww^-1 H_wm 1| with H_ww ~ lambda I, by two central
     finite-difference Hessian-vector products (4 forward+backward passes)."""
     from lightning_ifprune.estimator import estimation_mode
@@ -304,8 +330,7 @@ def fd_reference(structure: Any, x: torch.Tensor, y: torch.Tensor,
     def loss() -> torch.Tensor:
         return F.cross_entropy(model(x), y)
 
-    def zeros_for_unused(grads: tuple[torch.Tensor | None, ...],
-                         like: list[torch.Tensor]) -> list[torch.Tensor]:
+    def zeros_for_unused(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> list[torch.Tensor]:
         return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, like, strict=True)]
 
     saved = [p.detach().clone() for p in params]
@@ -315,12 +340,12 @@ def fd_reference(structure: Any, x: torch.Tensor, y: torch.Tensor,
             for sign in (1.0, -1.0):  # v = H_wm 1: grad_w L at m = 1 +- R 1
                 for n, size in sizes.items():
                     masks[n] = torch.full((size,), 1.0 + sign * r, dtype=ref.dtype, device=ref.device)
-                grads.append(zeros_for_unused(
-                    torch.autograd.grad(loss(), params, allow_unused=True), params))
+                grads.append(zeros_for_unused(torch.autograd.grad(loss(), params, allow_unused=True), params))
             u = [(gp - gm) / (2 * r) / weight_decay for gp, gm in zip(*grads, strict=True)]
             r2 = 0.01 / float(torch.sqrt(sum((t.double() ** 2).sum() for t in u)))
-            mask_vars = {n: torch.ones(size, dtype=ref.dtype, device=ref.device, requires_grad=True)
-                         for n, size in sizes.items()}
+            mask_vars = {
+                n: torch.ones(size, dtype=ref.dtype, device=ref.device, requires_grad=True) for n, size in sizes.items()
+            }
             masks.update(mask_vars)
             mask_list = list(mask_vars.values())
             mgrads = []
@@ -328,19 +353,17 @@ def fd_reference(structure: Any, x: torch.Tensor, y: torch.Tensor,
                 with torch.no_grad():
                     for p, p0, d in zip(params, saved, u, strict=True):
                         p.copy_(p0 + sign * r2 * d)
-                mgrads.append(zeros_for_unused(
-                    torch.autograd.grad(loss(), mask_list, allow_unused=True), mask_list))
+                mgrads.append(zeros_for_unused(torch.autograd.grad(loss(), mask_list, allow_unused=True), mask_list))
         finally:
             with torch.no_grad():
                 for p, p0 in zip(params, saved, strict=True):
                     p.copy_(p0)
-    return {n: ((a - b) / (2 * r2)).abs().detach()
-            for n, a, b in zip(sizes, *mgrads, strict=True)}
+    return {n: ((a - b) / (2 * r2)).abs().detach() for n, a, b in zip(sizes, *mgrads, strict=True)}
 
 
 def _child(spec: Spec) -> dict[str, Any]:
     """Measure one mode in this (fresh) process; returns a JSON-able dict."""
-    from lightning_ifprune.criteria import score_structure
+    from lightning_ifprune.criteria import resolve_criterion, score_structure
     from lightning_ifprune.estimator import estimate
     from lightning_ifprune.structure import ChannelStructure
 
@@ -358,8 +381,11 @@ def _child(spec: Spec) -> dict[str, Any]:
     meter = HvpMeter(sync)
     meter.install()
     result: dict[str, Any] = {
-        "mode": mode.name, "kind": mode.kind, "options": mode.options,
-        "structure_build_s": build_s, "groups": len(structure.groups),
+        "mode": mode.name,
+        "kind": mode.kind,
+        "options": mode.options,
+        "structure_build_s": build_s,
+        "groups": len(structure.groups),
         "threads": torch.get_num_threads(),
         "channels": sum(structure.widths().values()),
         "params": sum(p.numel() for p in model.parameters()),
@@ -373,18 +399,20 @@ def _child(spec: Spec) -> dict[str, Any]:
             F.cross_entropy(model(x), y).backward()
             opt.step()
     elif mode.kind == "fd":
+
         def call() -> Any:
             return fd_reference(structure, x, y)
     elif mode.kind == "criterion":
+
         def call() -> Any:
-            return score_structure(structure, [(x, y)], F.cross_entropy, mode.options["criterion"])
+            return score_structure(structure, [(x, y)], CE, resolve_criterion(mode.options["criterion"]))
     else:
         opts = EstimatorOptions(**mode.options)
         k, n_hvp = hvp_plan(mode.options)
         result.update(probe_batch_k=k, hvps_per_batch=n_hvp)
 
         def call() -> Any:
-            return estimate(structure, [(x, y)], F.cross_entropy, opts)
+            return estimate(structure, [(x, y)], CE, opts)
 
     def run(deadline: float | None, max_hvps: int | None) -> tuple[float, bool]:
         meter.arm(deadline, max_hvps, result.get("hvps_per_batch", 0))
@@ -424,8 +452,7 @@ def _child(spec: Spec) -> dict[str, Any]:
             break
     result["peak_mem_mb"] = mem.peak_bytes() / 2**20
     result["mem_method"] = mem.method
-    result.update(status=status, times_s=times, repeats=len(times),
-                  s_per_batch=statistics.median(times))
+    result.update(status=status, times_s=times, repeats=len(times), s_per_batch=statistics.median(times))
     if mode.kind == "estimator":
         result["grad_s"] = statistics.median(meter.grad_s) if meter.grad_s else None
         result["hvp_s"] = statistics.median([d for _, d, _ in meter.hvps]) if meter.hvps else None
@@ -442,12 +469,13 @@ def _compare_fd(structure: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, f
     from lightning_ifprune.estimator import estimate
 
     fd = fd_reference(structure, x, y)
-    exact = estimate(structure, [(x, y)], F.cross_entropy,
-                     EstimatorOptions(**MODE_BY_NAME[PAPER].options)).scores
+    exact = estimate(structure, [(x, y)], CE, EstimatorOptions(**MODE_BY_NAME[PAPER].options)).scores
     a = torch.cat([fd[n].double() for n in fd])
     b = torch.cat([exact[n].double() for n in fd])
-    return {"cosine": float(a @ b / (a.norm() * b.norm())),
-            "rel_l2": float((a - b).norm() / b.norm())}
+    return {
+        "cosine": float(a @ b / (a.norm() * b.norm())),
+        "rel_l2": float((a - b).norm() / b.norm()),
+    }
 
 
 def _fd_check(structure: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -470,17 +498,20 @@ def _fd_check(structure: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any
                 setattr(module, name, nn.Softplus(beta=5.0))
     xs = x[:8].double()
     smooth_structure = ChannelStructure.build(smooth, xs[:2])
-    return {"as_measured": _compare_fd(structure, x, y),
-            "smooth_float64": _compare_fd(smooth_structure, xs, y[:8]),
-            "note": "cosine / relative L2 distance of the FD scheme's scores to the exact "
-                    "paper/ones/identity scores"}
+    return {
+        "as_measured": _compare_fd(structure, x, y),
+        "smooth_float64": _compare_fd(smooth_structure, xs, y[:8]),
+        "note": "cosine / relative L2 distance of the FD scheme's scores to the exact paper/ones/identity scores",
+    }
 
 
 def _profile(structure: Any, x: torch.Tensor, y: torch.Tensor, opts: Any) -> dict[str, Any]:
     """One profiled ``paper/ones/identity`` call, split by phase and by autograd node."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from lightning_ifprune import estimator as est
+    from lightning_ifprune.estimator import scoring as est
+    from lightning_ifprune.estimator.hessian import BatchHessian
+    from lightning_ifprune.structure import MaskSpace
 
     patched = []
 
@@ -494,18 +525,18 @@ def _profile(structure: Any, x: torch.Tensor, y: torch.Tensor, opts: Any) -> dic
 
         setattr(owner, attr, wrapper)
 
-    label(est.BatchHessian, "_grads", "IF::gradient_with_graph (forward + backward)")
-    label(est.BatchHessian, "hvp", "IF::hvp (double backward)")
-    label(est.MaskSpace, "expand", "IF::MaskSpace.expand")
-    label(est.MaskSpace, "reduce", "IF::MaskSpace.reduce")
-    label(est, "_solve", "IF::_solve")
+    label(BatchHessian, "_grads", "IF::gradient_with_graph (forward + backward)")
+    label(BatchHessian, "hvp", "IF::hvp (double backward)")
+    label(MaskSpace, "expand", "IF::MaskSpace.expand")
+    label(MaskSpace, "reduce", "IF::MaskSpace.reduce")
+    label(est, "apply_inverse", "IF::apply_inverse")
     activities = [ProfilerActivity.CPU]
     if x.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     try:
         t0 = time.perf_counter()
         with profile(activities=activities) as prof:
-            est.estimate(structure, [(x, y)], F.cross_entropy, opts)
+            est.estimate(structure, [(x, y)], CE, opts)
         wall = time.perf_counter() - t0
     finally:
         for owner, attr, orig in reversed(patched):
@@ -513,14 +544,22 @@ def _profile(structure: Any, x: torch.Tensor, y: torch.Tensor, opts: Any) -> dic
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("IF::")}
-    nodes = {e.key: e.cpu_time_total / 1e6 for e in events
-             if not e.key.startswith("autograd::") and e.key.endswith("0")
-             and "Backward" in e.key and e.cpu_time_total / 1e6 >= 0.005 * total}
-    ops = {e.key: e.self_cpu_time_total / 1e6 for e in
-           sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]}
-    return {"wall_s_under_profiler": wall, "self_cpu_total_s": total, "phases_s": phases,
-            "autograd_nodes_total_s": dict(sorted(nodes.items(), key=lambda kv: -kv[1])),
-            "top_ops_self_s": ops}
+    nodes = {
+        e.key: e.cpu_time_total / 1e6
+        for e in events
+        if not e.key.startswith("autograd::")
+        and e.key.endswith("0")
+        and "Backward" in e.key
+        and e.cpu_time_total / 1e6 >= 0.005 * total
+    }
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]}
+    return {
+        "wall_s_under_profiler": wall,
+        "self_cpu_total_s": total,
+        "phases_s": phases,
+        "autograd_nodes_total_s": dict(sorted(nodes.items(), key=lambda kv: -kv[1])),
+        "top_ops_self_s": ops,
+    }
 
 
 def _child_entry(spec: Spec) -> dict[str, Any]:
@@ -535,6 +574,7 @@ def _child_entry(spec: Spec) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- parent side
 def _config_order(models: list[str], batches: list[int]) -> list[tuple[str, int]]:
     """Cheapest first (depth x batch), so the first configuration calibrates projections."""
+
     def depth(name: str) -> int:
         digits = "".join(ch for ch in name if ch.isdigit())
         return int(digits) if digits else 1
@@ -542,52 +582,91 @@ def _config_order(models: list[str], batches: list[int]) -> list[tuple[str, int]
     return sorted(((m, b) for m in models for b in batches), key=lambda mb: depth(mb[0]) * mb[1])
 
 
-def _project(mode: Mode, rows: dict[str, dict[str, Any]],
-             slowdown: dict[int, float]) -> dict[str, Any] | None:
+def _project(mode: Mode, rows: dict[str, dict[str, Any]], slowdown: dict[int, float]) -> dict[str, Any] | None:
     """Predicted cost of an estimator mode from this configuration's measured products."""
     paper = rows.get(PAPER)
     if not paper or not paper.get("hvp_s") or not paper.get("grad_s"):
         return None
     k, n_hvp = hvp_plan(mode.options)
     t1 = paper["hvp_s"]
-    same_k = [r["hvp_s"] for r in rows.values() if r.get("probe_batch_k") == k and r.get("hvp_s")
-              and r.get("status") != "projected"]
+    same_k = [
+        r["hvp_s"]
+        for r in rows.values()
+        if r.get("probe_batch_k") == k and r.get("hvp_s") and r.get("status") != "projected"
+    ]
     hvp = statistics.median(same_k) if same_k else t1 * k * slowdown.get(k, 1.0)
-    return {"grad_s": paper["grad_s"], "hvp_s": hvp, "hvps_per_batch": n_hvp, "probe_batch_k": k,
-            "first_product_s": paper["grad_s"] + hvp,
-            "s_per_batch": paper["grad_s"] + n_hvp * hvp,
-            "basis": (f"grad {paper['grad_s']:.2f}s + {n_hvp} x hvp(k={k}) {hvp:.2f}s"
-                      + ("" if same_k else
-                         f" [= hvp(k=1) x {k} x slowdown {slowdown.get(k, 1.0):.2f}]"))}
+    return {
+        "grad_s": paper["grad_s"],
+        "hvp_s": hvp,
+        "hvps_per_batch": n_hvp,
+        "probe_batch_k": k,
+        "first_product_s": paper["grad_s"] + hvp,
+        "s_per_batch": paper["grad_s"] + n_hvp * hvp,
+        "basis": (
+            f"grad {paper['grad_s']:.2f}s + {n_hvp} x hvp(k={k}) {hvp:.2f}s"
+            + ("" if same_k else f" [= hvp(k=1) x {k} x slowdown {slowdown.get(k, 1.0):.2f}]")
+        ),
+    }
 
 
-def run_config(pool_ctx: Any, model: str, batch: int, args: argparse.Namespace, first: bool,
-               slowdown: dict[int, float]) -> dict[str, Any]:
+def run_config(
+    pool_ctx: Any,
+    model: str,
+    batch: int,
+    args: argparse.Namespace,
+    first: bool,
+    slowdown: dict[int, float],
+) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        spec = Spec(model, batch, mode, args.device, args.repeats, args.mode_budget_s,
-                    threads=args.threads, check_fd=first, profile=first and not args.no_profile)
+        spec = Spec(
+            model,
+            batch,
+            mode,
+            args.device,
+            args.repeats,
+            args.mode_budget_s,
+            threads=args.threads,
+            check_fd=first,
+            profile=first and not args.no_profile,
+        )
         if mode.kind == "estimator" and not first and mode.name != PAPER:
             proj = _project(mode, rows, slowdown)
             if proj and proj["first_product_s"] > 2 * args.mode_budget_s:
-                rows[mode.name] = {"mode": mode.name, "kind": mode.kind, "options": mode.options,
-                                   "status": "projected", "peak_mem_mb": None, **proj}
-                _log(f"  {model} b{batch} {mode.name}: projected {proj['s_per_batch']:.1f}s "
-                     f"(not run: first product ~{proj['first_product_s']:.0f}s)")
+                rows[mode.name] = {
+                    "mode": mode.name,
+                    "kind": mode.kind,
+                    "options": mode.options,
+                    "status": "projected",
+                    "peak_mem_mb": None,
+                    **proj,
+                }
+                _log(
+                    f"  {model} b{batch} {mode.name}: projected {proj['s_per_batch']:.1f}s "
+                    f"(not run: first product ~{proj['first_product_s']:.0f}s)"
+                )
                 continue
         try:
             with pool_ctx.Pool(1, maxtasksperchild=1) as pool:
                 res = pool.apply(_child_entry, (spec,))
         except Exception as err:  # a crashed child (e.g. out of memory) is reported, not fatal
-            rows[mode.name] = {"mode": mode.name, "kind": mode.kind, "options": mode.options,
-                               "status": "failed", "error": repr(err), "s_per_batch": None,
-                               "peak_mem_mb": None}
+            rows[mode.name] = {
+                "mode": mode.name,
+                "kind": mode.kind,
+                "options": mode.options,
+                "status": "failed",
+                "error": repr(err),
+                "s_per_batch": None,
+                "peak_mem_mb": None,
+            }
             _log(f"  {model} b{batch} {mode.name}: FAILED {err!r}")
             continue
         rows[mode.name] = res
-        _log(f"  {model} b{batch} {mode.name}: {res['s_per_batch']:.2f}s/batch "
-             f"({res['status']}, {res['repeats']} call(s)), peak {res['peak_mem_mb']:.0f} MB, "
-             f"child {res['child_wall_s']:.0f}s, load {res['loadavg_1min'][1]:.1f}")
+        _log(
+            f"  {model} b{batch} {mode.name}: {res['s_per_batch']:.2f}s/batch "
+            f"({res['status']}, {res['repeats']} call(s)), peak {res['peak_mem_mb']:.0f} MB, "
+            f"child {res['child_wall_s']:.0f}s, load {res['loadavg_1min'][1]:.1f}"
+        )
     # probe-batching slowdown: hvp(k) / (k * hvp(1)), calibrated in the first configuration
     t1 = rows[PAPER].get("hvp_s")
     for r in rows.values():
@@ -600,13 +679,17 @@ def run_config(pool_ctx: Any, model: str, batch: int, args: argparse.Namespace, 
         r["x_train_step"] = t / train["s_per_batch"] if t is not None else None
         r["x_fd_scheme"] = t / fd["s_per_batch"] if t is not None else None
         mem = r.get("peak_mem_mb")
-        r["x_train_step_mem"] = (mem / train["peak_mem_mb"]
-                                 if mem is not None and train["peak_mem_mb"] else None)
+        r["x_train_step_mem"] = mem / train["peak_mem_mb"] if mem is not None and train["peak_mem_mb"] else None
     builds = [r["structure_build_s"] for r in rows.values() if "structure_build_s" in r]
-    return {"model": model, "batch": batch, "groups": train["groups"],
-            "channels": train["channels"], "params": train["params"],
-            "structure_build_s": {"median": statistics.median(builds), "all": builds},
-            "modes": list(rows.values())}
+    return {
+        "model": model,
+        "batch": batch,
+        "groups": train["groups"],
+        "channels": train["channels"],
+        "params": train["params"],
+        "structure_build_s": {"median": statistics.median(builds), "all": builds},
+        "modes": list(rows.values()),
+    }
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -615,21 +698,25 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(cfg: dict[str, Any]) -> str:
-    head = (f"{cfg['model']}  batch {cfg['batch']}  ({cfg['groups']} groups, {cfg['channels']} "
-            f"channels, {cfg['params']:,} params; structure build "
-            f"{cfg['structure_build_s']['median']:.2f}s, excluded)")
+    head = (
+        f"{cfg['model']}  batch {cfg['batch']}  ({cfg['groups']} groups, {cfg['channels']} "
+        f"channels, {cfg['params']:,} params; structure build "
+        f"{cfg['structure_build_s']['median']:.2f}s, excluded)"
+    )
     cols = ("mode", "s/batch", "x train step", "x FD scheme", "peak mem MB", "x train step mem")
-    lines = [head, f"{cols[0]:<40} {cols[1]:>11} {cols[2]:>12} {cols[3]:>11} {cols[4]:>11} "
-             f"{cols[5]:>16}"]
+    lines = [
+        head,
+        f"{cols[0]:<40} {cols[1]:>11} {cols[2]:>12} {cols[3]:>11} {cols[4]:>11} {cols[5]:>16}",
+    ]
     for r in cfg["modes"]:
-        mark = {"measured": "", "extrapolated": "~", "projected": "p ", "failed": "failed "}[
-            r["status"]]
+        mark = {"measured": "", "extrapolated": "~", "projected": "p ", "failed": "failed "}[r["status"]]
         calls = f"  n={r['repeats']}" if r["status"] in ("measured", "extrapolated") else ""
         value = mark + _fmt(r["s_per_batch"], ".3f")
         lines.append(
             f"{r['mode']:<40} {value:>11} "
             f"{_fmt(r['x_train_step'], '12.2f')} {_fmt(r['x_fd_scheme'], '11.2f')} "
-            f"{_fmt(r['peak_mem_mb'], '11.1f')} {_fmt(r['x_train_step_mem'], '16.2f')}{calls}")
+            f"{_fmt(r['peak_mem_mb'], '11.1f')} {_fmt(r['x_train_step_mem'], '16.2f')}{calls}"
+        )
     grads = [r["grad_s"] for r in cfg["modes"] if r.get("grad_s") and r["status"] != "projected"]
     per_k: dict[int, list[float]] = {}
     for r in cfg["modes"]:
@@ -637,8 +724,7 @@ def table(cfg: dict[str, Any]) -> str:
             per_k.setdefault(r["probe_batch_k"], []).append(r["hvp_s"])
     if grads:
         parts = [f"hvp(k={k}) {statistics.median(v):.3f}s" for k, v in sorted(per_k.items())]
-        lines.append(f"  estimator products: gradient with graph {statistics.median(grads):.3f}s; "
-                     + ", ".join(parts))
+        lines.append(f"  estimator products: gradient with graph {statistics.median(grads):.3f}s; " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -650,12 +736,13 @@ def acceptance(configs: list[dict[str, Any]], device: str) -> dict[str, Any]:
         key = f"{cfg['model']}/b{cfg['batch']}"
         out[key] = {
             "paper_x_fd": paper["x_fd_scheme"],
-            "paper_le_0.75x_fd": (paper["x_fd_scheme"] <= 0.75
-                                  if device == "cpu" and paper["x_fd_scheme"] is not None
-                                  else None),
+            "paper_le_0.75x_fd": (
+                paper["x_fd_scheme"] <= 0.75 if device == "cpu" and paper["x_fd_scheme"] is not None else None
+            ),
             "default_mode_mem_x_train": default["x_train_step_mem"],
-            "default_mode_mem_le_2.5x": (default["x_train_step_mem"] <= 2.5
-                                         if default["x_train_step_mem"] is not None else None),
+            "default_mode_mem_le_2.5x": (
+                default["x_train_step_mem"] <= 2.5 if default["x_train_step_mem"] is not None else None
+            ),
             "default_mode_status": default["status"],
             "every_mode_reported": all(r["s_per_batch"] is not None for r in cfg["modes"]),
         }
@@ -677,18 +764,30 @@ def _device_name(device: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default=None, help="comma list (default resnet32,resnet56)")
     p.add_argument("--batches", default=None, help="comma list (default 128,32)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: resnet32, batch 8, 1 repeat, 5 s budget per mode")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run: resnet32, batch 8, 1 repeat, 5 s budget per mode",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed calls per mode (default 3)")
-    p.add_argument("--mode-budget-s", type=float, default=None,
-                   help="seconds of timed work per mode and configuration (default 20)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op CPU threads per child (default 1; 0 = torch's default)")
+    p.add_argument(
+        "--mode-budget-s",
+        type=float,
+        default=None,
+        help="seconds of timed work per mode and configuration (default 20)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op CPU threads per child (default 1; 0 = torch's default)",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the profiled paper call")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -716,9 +815,11 @@ def main(argv: list[str] | None = None) -> int:
     configs = [done[(m, b)] for m in args.models for b in args.batches]
     wall = time.perf_counter() - t_start
     tables = [table(cfg) for cfg in configs]
-    legend = ("~ = call stopped at the time budget, rest extrapolated from its timed "
-              "Hessian-vector products; p = projected, not run (first product alone "
-              "> 2x budget); n = timed calls (median)")
+    legend = (
+        "~ = call stopped at the time budget, rest extrapolated from its timed "
+        "Hessian-vector products; p = projected, not run (first product alone "
+        "> 2x budget); n = timed calls (median)"
+    )
     print("\n\n".join(tables))
     print(legend)
     acc = acceptance(configs, args.device)
@@ -729,22 +830,31 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "device": args.device, "device_name": _device_name(args.device),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "threads": first["modes"][0]["threads"], "torch_default_threads": torch.get_num_threads(),
+        "device": args.device,
+        "device_name": _device_name(args.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": first["modes"][0]["threads"],
+        "torch_default_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "repeats": args.repeats, "mode_budget_s": args.mode_budget_s,
-        "weight_decay": WEIGHT_DECAY, "wall_s": wall,
+        "repeats": args.repeats,
+        "mode_budget_s": args.mode_budget_s,
+        "weight_decay": WEIGHT_DECAY,
+        "wall_s": wall,
         "loadavg_start_end": [list(load_start), list(os.getloadavg())],
         "memory_method": next(r["mem_method"] for r in first["modes"] if "mem_method" in r),
         "method": __doc__.split("Method\n------\n", 1)[1].split("\n\nThe first", 1)[0],
         "probe_batching_slowdown": {str(k): v for k, v in slowdown.items()},
         "legend": legend,
     }
-    payload = {"meta": meta, "acceptance": acc,
-               "fd_check": first_rows["fd_reference"].get("fd_check"),
-               "profile": first_rows[PAPER].get("profile"),
-               "configs": configs, "tables": tables}
+    payload = {
+        "meta": meta,
+        "acceptance": acc,
+        "fd_check": first_rows["fd_reference"].get("fd_check"),
+        "profile": first_rows[PAPER].get("profile"),
+        "configs": configs,
+        "tables": tables,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     _log(f"wrote {args.out}")

@@ -114,8 +114,9 @@ def load_data(seed: int, n_train: int) -> tuple[torch.Tensor, ...]:
     """A stratified training subset of the digits and the rest as a test set (N, 1, 8, 8)."""
     digits = load_digits()
     images = digits.images.astype(np.float64) / 16.0
-    tr, te, ytr, yte = train_test_split(images, digits.target, train_size=n_train,
-                                        stratify=digits.target, random_state=seed)
+    tr, te, ytr, yte = train_test_split(
+        images, digits.target, train_size=n_train, stratify=digits.target, random_state=seed
+    )
     mean, std = tr.mean(), tr.std()
     to_x = lambda a: torch.tensor((a - mean) / std, dtype=DTYPE).unsqueeze(1)  # noqa: E731
     return to_x(tr), torch.tensor(ytr), to_x(te), torch.tensor(yte)
@@ -181,7 +182,7 @@ class FastObjective:
         h = torch.tanh(p @ w1.reshape(c1, -1).T + b1) * m1  # (N, 16, c1): [position, channel]
         t2 = torch.einsum("oik,kqp->qipo", w2.reshape(c2, c1, 9), self.shift).reshape(16 * c1, 16 * c2)
         h = torch.tanh(h.reshape(*h.shape[:-2], 16 * c1) @ t2 + b2.repeat(16))  # (N, 16·c2)
-        w3e = (0.25 * w3.reshape(c3, c2, 4)[:, :, self.pool_idx] * m2.view(1, c2, 1))
+        w3e = 0.25 * w3.reshape(c3, c2, 4)[:, :, self.pool_idx] * m2.view(1, c2, 1)
         h = torch.tanh(h @ w3e.permute(2, 1, 0).reshape(16 * c2, c3) + b3) * m3
         return h @ wf.T + bf
 
@@ -197,11 +198,13 @@ class FastObjective:
     def full_hessian(self, v: torch.Tensor, m: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient and exact Hessian of L over u = [v; m] (double backward, batched)."""
         u = torch.cat([v, m]).detach().requires_grad_(True)
-        loss = self.loss(u[: self.num_params], u[self.num_params:])
+        loss = self.loss(u[: self.num_params], u[self.num_params :])
         (grad,) = torch.autograd.grad(loss, u, create_graph=True)
         eye = torch.eye(u.numel(), dtype=DTYPE)
-        rows = [torch.autograd.grad(grad, u, grad_outputs=eye[i:i + chunk], is_grads_batched=True,
-                                    retain_graph=True)[0] for i in range(0, u.numel(), chunk)]
+        rows = [
+            torch.autograd.grad(grad, u, grad_outputs=eye[i : i + chunk], is_grads_batched=True, retain_graph=True)[0]
+            for i in range(0, u.numel(), chunk)
+        ]
         hess = torch.cat(rows)
         return grad.detach(), 0.5 * (hess + hess.T)
 
@@ -262,8 +265,9 @@ class _Stop(Exception):
         self.loss, self.grad_norm, self.v = loss, grad_norm, v
 
 
-def lbfgs_direction(g: torch.Tensor, s_mat: torch.Tensor, y_mat: torch.Tensor, sy: torch.Tensor,
-                    yy: torch.Tensor) -> torch.Tensor:
+def lbfgs_direction(
+    g: torch.Tensor, s_mat: torch.Tensor, y_mat: torch.Tensor, sy: torch.Tensor, yy: torch.Tensor
+) -> torch.Tensor:
     """−H g for the L-BFGS inverse Hessian in compact form (Byrd, Nocedal & Schnabel 1994).
 
     H = γI + [S γY] [[R⁻ᵀ(D + γYᵀY)R⁻¹, −R⁻ᵀ], [−R⁻¹, 0]] [S γY]ᵀ with R = triu(SᵀY),
@@ -300,15 +304,30 @@ def lbfgs(fun: Callable[[torch.Tensor], tuple[float, torch.Tensor]], n: int, his
     z = np.zeros(n)
     f, g = cached(z)
     empty = torch.zeros(n, 0, dtype=DTYPE)
-    s_mat, y_mat, sy, yy = empty, empty, torch.zeros(0, 0, dtype=DTYPE), torch.zeros(0, 0, dtype=DTYPE)
+    s_mat, y_mat, sy, yy = (
+        empty,
+        empty,
+        torch.zeros(0, 0, dtype=DTYPE),
+        torch.zeros(0, 0, dtype=DTYPE),
+    )
     while True:
         d = lbfgs_direction(g, s_mat, y_mat, sy, yy)
         if float(g @ d) >= 0:  # not a descent direction: forget the memory
             s_mat, y_mat, sy, yy, d = empty, empty, sy[:0, :0], yy[:0, :0], -g
         with warnings.catch_warnings():  # a failed search returns None; handled below
             warnings.simplefilter("ignore", RuntimeWarning)  # scipy LineSearchWarning
-            alpha = optimize.line_search(lambda x: cached(x)[0], lambda x: cached(x)[1].numpy(), z,
-                                         d.numpy(), g.numpy(), f, None, c1=1e-4, c2=0.9, maxiter=50)[0]
+            alpha = optimize.line_search(
+                lambda x: cached(x)[0],
+                lambda x: cached(x)[1].numpy(),
+                z,
+                d.numpy(),
+                g.numpy(),
+                f,
+                None,
+                c1=1e-4,
+                c2=0.9,
+                maxiter=50,
+            )[0]
         if alpha is None:
             if s_mat.shape[1] == 0:
                 return torch.from_numpy(z)
@@ -328,8 +347,16 @@ def lbfgs(fun: Callable[[torch.Tensor], tuple[float, torch.Tensor]], n: int, his
         z, f, g = z_new, f_new, g_new
 
 
-def minimize(obj: FastObjective, v_start: torch.Tensor, mask: torch.Tensor, free: torch.Tensor,
-             precond: Precond, tol: float, max_evals: int, history: int) -> Fit:
+def minimize(
+    obj: FastObjective,
+    v_start: torch.Tensor,
+    mask: torch.Tensor,
+    free: torch.Tensor,
+    precond: Precond,
+    tol: float,
+    max_evals: int,
+    history: int,
+) -> Fit:
     """L-BFGS on the free coordinates in the variables v = v_start + M z, until ‖∇_v L‖₂ ≤ tol
     (the full gradient in the original coordinates) or ``max_evals`` evaluations."""
     evals = 0
@@ -356,8 +383,9 @@ def minimize(obj: FastObjective, v_start: torch.Tensor, mask: torch.Tensor, free
     return Fit(loss, float(grad.norm()), evals + 1, float(grad.norm()) <= tol, v)
 
 
-def train_base(obj: FastObjective, v0: torch.Tensor, cfg: Config
-               ) -> tuple[Fit, torch.Tensor, torch.Tensor, list[dict[str, float]]]:
+def train_base(
+    obj: FastObjective, v0: torch.Tensor, cfg: Config
+) -> tuple[Fit, torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """Plain L-BFGS to ‖g‖ ≤ 1e-4, then L-BFGS preconditioned by the exact Hessian (recomputed
     at the end of each round, at most 3 rounds) to ``base_tol``. Also returns the gradient and
     exact Hessian over [w; m] at the final point."""
@@ -371,8 +399,14 @@ def train_base(obj: FastObjective, v0: torch.Tensor, cfg: Config
             break
         prec = Precond(hess[: obj.num_params, : obj.num_params])
         fit = minimize(obj, fit.v, ones, free, prec, cfg.base_tol, cfg.max_evals_base, cfg.history)
-        log.append({"phase": f"exact-Hessian preconditioned {round_ + 1}", "loss": fit.loss,
-                    "grad_norm": fit.grad_norm, "evals": fit.evals})
+        log.append(
+            {
+                "phase": f"exact-Hessian preconditioned {round_ + 1}",
+                "loss": fit.loss,
+                "grad_norm": fit.grad_norm,
+                "evals": fit.evals,
+            }
+        )
     return fit, grad, hess, log
 
 
@@ -398,8 +432,9 @@ def removed_weights(structure: ChannelStructure, obj: FastObjective) -> list[tor
     return out
 
 
-def removal(obj: FastObjective, v: torch.Tensor, dead: list[torch.Tensor], k: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def removal(
+    obj: FastObjective, v: torch.Tensor, dead: list[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channel k removed from weights v: (indices of the weights still free, mask with m_k = 0,
     v with the channel's producer rows, bias and consumer columns set to 0)."""
     keep = torch.ones(obj.num_params, dtype=torch.bool)
@@ -411,15 +446,20 @@ def removal(obj: FastObjective, v: torch.Tensor, dead: list[torch.Tensor], k: in
     return keep.nonzero().flatten(), mask, start
 
 
-def check_parity(model: DigitsCNN, structure: ChannelStructure, obj: FastObjective, v: torch.Tensor,
-                 dead: list[torch.Tensor]) -> float:
+def check_parity(
+    model: DigitsCNN,
+    structure: ChannelStructure,
+    obj: FastObjective,
+    v: torch.Tensor,
+    dead: list[torch.Tensor],
+) -> float:
     """The fast objective equals the module under channel_masks; removed weights have zero grad."""
     nn.utils.vector_to_parameters(v, model.parameters())
     gen = torch.Generator().manual_seed(1)
     m = torch.rand(obj.num_masks, generator=gen, dtype=DTYPE)
     masks, start = {}, 0
     for name, group in structure.groups.items():
-        masks[name] = m[start:start + group.size]
+        masks[name] = m[start : start + group.size]
         start += group.size
     with torch.no_grad(), channel_masks(structure, masks):
         ref = model(obj.x)
@@ -436,14 +476,12 @@ def check_parity(model: DigitsCNN, structure: ChannelStructure, obj: FastObjecti
 
 
 # ----------------------------------------------------------------------------- criteria
-Criterion = tuple[str, str, dict[str, Any]]
-
-
+Labelled = tuple[str, lip.Criterion]
 DEFAULT_LABEL = "influence default options"
 
 
-def criteria_list(lam: float, seed: int) -> list[Criterion]:
-    """(label, criterion, options) for every library configuration reported.
+def criteria_list(lam: float, seed: int) -> list[Labelled]:
+    """(label, criterion object) for every library configuration reported.
 
     The first influence row runs with the library's default :class:`EstimatorOptions`
     (only ``weight_decay`` and the probe seed given), so the table always measures the default.
@@ -451,30 +489,92 @@ def criteria_list(lam: float, seed: int) -> list[Criterion]:
     inf = {"weight_decay": lam}
     rad = {**inf, "score": "retrained", "probes": "rademacher", "inverse": "cg", "seed": seed}
     return [
-        ("magnitude (L1)", "magnitude", {"p": 1}),
-        ("taylor", "taylor", {}),
-        ("fisher", "fisher", {}),
-        ("random", "random", {"seed": seed}),
-        ("loss_drop (no retrain)", "loss_drop", {}),
-        (DEFAULT_LABEL, "influence", {**inf, "seed": seed}),
-        ("influence paper/ones/identity [paper]", "influence",
-         {**inf, "score": "paper", "probes": "ones", "inverse": "identity"}),
-        ("influence paper/ones/cg10 δ=1e-3", "influence",
-         {**inf, "score": "paper", "probes": "ones", "inverse": "cg", "damping": 1e-3}),
-        ("influence paper/ones/cg50 δ=1e-3", "influence",
-         {**inf, "score": "paper", "probes": "ones", "inverse": "cg", "cg_iters": 50, "damping": 1e-3}),
-        ("influence retrained/exact/identity", "influence",
-         {**inf, "score": "retrained", "probes": "exact", "inverse": "identity", "probe_batch": 32}),
-        ("influence retrained/exact/cg10 δ=1e-3", "influence",
-         {**inf, "score": "retrained", "probes": "exact", "inverse": "cg", "probe_batch": 32, "damping": 1e-3}),
-        ("influence retrained/exact/cg50 δ=1e-3", "influence",
-         {**inf, "score": "retrained", "probes": "exact", "inverse": "cg", "cg_iters": 50, "probe_batch": 32,
-          "damping": 1e-3}),
-        ("influence retrained/rademacher16/cg10 δ=1e-3", "influence", {**rad, "num_probes": 16, "damping": 1e-3}),
-        ("influence retrained/rademacher16/cg10", "influence", {**rad, "num_probes": 16, "cg_iters": 10}),
-        ("influence retrained/rademacher8/cg5", "influence", {**rad, "num_probes": 8, "cg_iters": 5}),
-        ("influence retrained/rademacher4/cg5", "influence", {**rad, "num_probes": 4, "cg_iters": 5}),
-        ("influence retrained/rademacher4/cg10", "influence", {**rad, "num_probes": 4, "cg_iters": 10}),
+        ("magnitude (L1)", lip.Magnitude(p=1)),
+        ("taylor", lip.Taylor()),
+        ("fisher", lip.Fisher()),
+        ("random", lip.Random(seed=seed)),
+        ("loss_drop (no retrain)", lip.LossDrop()),
+        (DEFAULT_LABEL, lip.Influence(**{**inf, "seed": seed})),
+        (
+            "influence paper/ones/identity [paper]",
+            lip.Influence(**{**inf, "score": "paper", "probes": "ones", "inverse": "identity"}),
+        ),
+        (
+            "influence paper/ones/cg10 δ=1e-3",
+            lip.Influence(**{**inf, "score": "paper", "probes": "ones", "inverse": "cg", "damping": 1e-3}),
+        ),
+        (
+            "influence paper/ones/cg50 δ=1e-3",
+            lip.Influence(
+                **{
+                    **inf,
+                    "score": "paper",
+                    "probes": "ones",
+                    "inverse": "cg",
+                    "cg_iters": 50,
+                    "damping": 1e-3,
+                }
+            ),
+        ),
+        (
+            "influence retrained/exact/identity",
+            lip.Influence(
+                **{
+                    **inf,
+                    "score": "retrained",
+                    "probes": "exact",
+                    "inverse": "identity",
+                    "probe_batch": 32,
+                }
+            ),
+        ),
+        (
+            "influence retrained/exact/cg10 δ=1e-3",
+            lip.Influence(
+                **{
+                    **inf,
+                    "score": "retrained",
+                    "probes": "exact",
+                    "inverse": "cg",
+                    "probe_batch": 32,
+                    "damping": 1e-3,
+                }
+            ),
+        ),
+        (
+            "influence retrained/exact/cg50 δ=1e-3",
+            lip.Influence(
+                **{
+                    **inf,
+                    "score": "retrained",
+                    "probes": "exact",
+                    "inverse": "cg",
+                    "cg_iters": 50,
+                    "probe_batch": 32,
+                    "damping": 1e-3,
+                }
+            ),
+        ),
+        (
+            "influence retrained/rademacher16/cg10 δ=1e-3",
+            lip.Influence(**{**rad, "num_probes": 16, "damping": 1e-3}),
+        ),
+        (
+            "influence retrained/rademacher16/cg10",
+            lip.Influence(**{**rad, "num_probes": 16, "cg_iters": 10}),
+        ),
+        (
+            "influence retrained/rademacher8/cg5",
+            lip.Influence(**{**rad, "num_probes": 8, "cg_iters": 5}),
+        ),
+        (
+            "influence retrained/rademacher4/cg5",
+            lip.Influence(**{**rad, "num_probes": 4, "cg_iters": 5}),
+        ),
+        (
+            "influence retrained/rademacher4/cg10",
+            lip.Influence(**{**rad, "num_probes": 4, "cg_iters": 10}),
+        ),
     ]
 
 
@@ -482,8 +582,9 @@ def flat_scores(scores: dict[str, torch.Tensor], structure: ChannelStructure) ->
     return torch.cat([scores[n].double().flatten() for n in structure.groups]).numpy()
 
 
-def exact_references(grad: torch.Tensor, hess: torch.Tensor, num_params: int, lam: float,
-                     damping: float) -> dict[str, np.ndarray]:
+def exact_references(
+    grad: torch.Tensor, hess: torch.Tensor, num_params: int, lam: float, damping: float
+) -> dict[str, np.ndarray]:
     """Scores from explicit matrices: exact Schur, no-retrain 2nd order, paper with exact inverse,
     plus the identity-inverse and damped-inverse versions used to cross-check the estimator."""
     p = num_params
@@ -509,8 +610,13 @@ def exact_references(grad: torch.Tensor, hess: torch.Tensor, num_params: int, la
     return {k: v.numpy() for k, v in out.items()}
 
 
-def newton_reference(obj: FastObjective, v: torch.Tensor, h_ww: torch.Tensor, dead: list[torch.Tensor],
-                     base_loss: float) -> np.ndarray:
+def newton_reference(
+    obj: FastObjective,
+    v: torch.Tensor,
+    h_ww: torch.Tensor,
+    dead: list[torch.Tensor],
+    base_loss: float,
+) -> np.ndarray:
     """The spec's ``newton`` score, exactly: remove channel k (mask 0, its weights 0), take one
     full Newton step of the remaining weights with the exact base Hessian, δw = −H_ww⁻¹ ∇_w L,
     and report the loss there minus the base loss — a finite step instead of a Taylor expansion."""
@@ -533,7 +639,11 @@ def agreement(score: np.ndarray, target: np.ndarray, k: int) -> dict[str, float]
     tau = stats.kendalltau(score, target).statistic
     chosen = np.argsort(score, kind="stable")[:k]
     kth = np.sort(target)[k - 1]
-    return {"spearman": float(rho), "kendall": float(tau), "topk": float(np.mean(target[chosen] <= kth))}
+    return {
+        "spearman": float(rho),
+        "kendall": float(tau),
+        "topk": float(np.mean(target[chosen] <= kth)),
+    }
 
 
 def shared_optima(delta: np.ndarray, atol: float = 1e-9) -> int:
@@ -572,13 +682,17 @@ def run_seed(seed: int, cfg: Config, say: Callable[[str], None]) -> dict[str, An
         test_acc = float((model(x_test).argmax(1) == y_test).double().mean())
         train_acc = float((model(x).argmax(1) == y).double().mean())
     base_evals = sum(int(ph["evals"]) for ph in base_log)
-    say(f"  seed {seed}: base loss {base.loss:.6f}, ‖g‖ {base.grad_norm:.1e}, {base_evals} evals, "
-        f"train/test acc {train_acc:.3f}/{test_acc:.3f}, {t_base:.0f}s (incl. Hessians)")
+    say(
+        f"  seed {seed}: base loss {base.loss:.6f}, ‖g‖ {base.grad_norm:.1e}, {base_evals} evals, "
+        f"train/test acc {train_acc:.3f}/{test_acc:.3f}, {t_base:.0f}s (incl. Hessians)"
+    )
 
     h_ww = hess[:p, :p]
     eig = torch.linalg.eigvalsh(h_ww)
-    say(f"  seed {seed}: exact Hessian over [w; m] {tuple(hess.shape)}, H_ww eigenvalues "
-        f"[{float(eig[0]):.2e}, {float(eig[-1]):.2e}]")
+    say(
+        f"  seed {seed}: exact Hessian over [w; m] {tuple(hess.shape)}, H_ww eigenvalues "
+        f"[{float(eig[0]):.2e}, {float(eig[-1]):.2e}]"
+    )
 
     # retrains: control + every channel, two perturbed runs
     t0 = time.perf_counter()
@@ -595,45 +709,59 @@ def run_seed(seed: int, cfg: Config, say: Callable[[str], None]) -> dict[str, An
             prec = Precond(h_ww[free][:, free])
             fits.append(minimize(obj, vk, mk, free, prec, cfg.tol, cfg.max_evals_retrain, cfg.history))
         ref = min(base.loss, ctrl.loss)
-        runs.append({
-            "control_loss": ctrl.loss, "control_grad_norm": ctrl.grad_norm, "control_evals": ctrl.evals,
-            "control_converged": ctrl.converged, "control_won": base.loss - ctrl.loss > CONTROL_MARGIN,
-            "control_strictly_lower": ctrl.loss < base.loss,
-            "base_minus_control": base.loss - ctrl.loss, "reference_loss": ref,
-            "losses": [f.loss for f in fits], "delta": [f.loss - ref for f in fits],
-            "grad_norms": [f.grad_norm for f in fits], "evals": [f.evals for f in fits],
-            "converged": [f.converged for f in fits],
-        })
+        runs.append(
+            {
+                "control_loss": ctrl.loss,
+                "control_grad_norm": ctrl.grad_norm,
+                "control_evals": ctrl.evals,
+                "control_converged": ctrl.converged,
+                "control_won": base.loss - ctrl.loss > CONTROL_MARGIN,
+                "control_strictly_lower": ctrl.loss < base.loss,
+                "base_minus_control": base.loss - ctrl.loss,
+                "reference_loss": ref,
+                "losses": [f.loss for f in fits],
+                "delta": [f.loss - ref for f in fits],
+                "grad_norms": [f.grad_norm for f in fits],
+                "evals": [f.evals for f in fits],
+                "converged": [f.converged for f in fits],
+            }
+        )
     t_retrain = time.perf_counter() - t0
     d1, d2 = np.array(runs[0]["delta"]), np.array(runs[1]["delta"])
     r = float(stats.spearmanr(d1, d2).statistic)
     sqrt_r = math.sqrt(r) if r > 0 else float("nan")
     retrain_norms = [g for run in runs for g in run["grad_norms"]] + [run["control_grad_norm"] for run in runs]
     n_bad = sum(not c for run in runs for c in run["converged"]) + sum(not run["control_converged"] for run in runs)
-    say(f"  seed {seed}: {2 * (n_ch + 1)} retrains in {t_retrain:.0f}s, worst ‖g‖ {max(retrain_norms):.1e}, "
+    say(
+        f"  seed {seed}: {2 * (n_ch + 1)} retrains in {t_retrain:.0f}s, worst ‖g‖ {max(retrain_norms):.1e}, "
         f"{n_bad} not converged, test-retest r {r:.3f} (√r {sqrt_r:.3f}), control won "
-        f"{sum(run['control_won'] for run in runs)}/2")
+        f"{sum(run['control_won'] for run in runs)}/2"
+    )
 
     # criteria
     t0 = time.perf_counter()
     batches = [(x, y)]
     scores: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
-    for label, name, opts in criteria_list(cfg.weight_decay, seed):
+    for label, criterion in criteria_list(cfg.weight_decay, seed):
         t1 = time.perf_counter()
-        raw = lip.score_channels(model, batches, F.cross_entropy, name, example_inputs=x[:2], **opts)
+        raw = lip.score_channels(model, batches, criterion=criterion, loss_fn=F.cross_entropy, example_inputs=x[:2])
         timing[label] = time.perf_counter() - t1
         scores[label] = flat_scores(raw, structure)
     refs = exact_references(grad_full, hess, p, cfg.weight_decay, 1e-3)
     checks = {
-        "retrained/exact/identity vs explicit": rel_diff(scores["influence retrained/exact/identity"],
-                                                         refs["_check retrained/identity"]),
-        "paper/ones/identity vs explicit": rel_diff(scores["influence paper/ones/identity [paper]"],
-                                                    refs["_check paper/identity"]),
-        "retrained/exact/cg50 vs explicit damped solve": rel_diff(scores["influence retrained/exact/cg50 δ=1e-3"],
-                                                                  refs["_check retrained/damped-exact"]),
-        "paper/ones/cg50 vs explicit damped solve": rel_diff(scores["influence paper/ones/cg50 δ=1e-3"],
-                                                             refs["_check paper/damped-exact"]),
+        "retrained/exact/identity vs explicit": rel_diff(
+            scores["influence retrained/exact/identity"], refs["_check retrained/identity"]
+        ),
+        "paper/ones/identity vs explicit": rel_diff(
+            scores["influence paper/ones/identity [paper]"], refs["_check paper/identity"]
+        ),
+        "retrained/exact/cg50 vs explicit damped solve": rel_diff(
+            scores["influence retrained/exact/cg50 δ=1e-3"], refs["_check retrained/damped-exact"]
+        ),
+        "paper/ones/cg50 vs explicit damped solve": rel_diff(
+            scores["influence paper/ones/cg50 δ=1e-3"], refs["_check paper/damped-exact"]
+        ),
     }
     scores.update({k: v for k, v in refs.items() if not k.startswith("_")})
     scores["exact newton: one Newton step after removal"] = newton_reference(obj, base.v, h_ww, dead, base.loss)
@@ -648,18 +776,40 @@ def run_seed(seed: int, cfg: Config, say: Callable[[str], None]) -> dict[str, An
         m["run1"], m["run2"] = a1, a2
         metrics[label] = m
     return {
-        "seed": seed, "n_channels": n_ch, "n_params": p, "k": k, "parity_max_abs_err": parity,
-        "base": {"loss": base.loss, "grad_norm": base.grad_norm, "evals": base_evals,
-                 "converged": base.grad_norm <= cfg.base_tol, "train_acc": train_acc, "test_acc": test_acc,
-                 "phases": base_log, "h_ww_min_eig": float(eig[0]), "h_ww_max_eig": float(eig[-1])},
-        "runs": runs, "test_retest_r": r, "sqrt_r": sqrt_r,
-        "worst_retrain_grad_norm": max(retrain_norms), "retrains_not_converged": n_bad,
+        "seed": seed,
+        "n_channels": n_ch,
+        "n_params": p,
+        "k": k,
+        "parity_max_abs_err": parity,
+        "base": {
+            "loss": base.loss,
+            "grad_norm": base.grad_norm,
+            "evals": base_evals,
+            "converged": base.grad_norm <= cfg.base_tol,
+            "train_acc": train_acc,
+            "test_acc": test_acc,
+            "phases": base_log,
+            "h_ww_min_eig": float(eig[0]),
+            "h_ww_max_eig": float(eig[-1]),
+        },
+        "runs": runs,
+        "test_retest_r": r,
+        "sqrt_r": sqrt_r,
+        "worst_retrain_grad_norm": max(retrain_norms),
+        "retrains_not_converged": n_bad,
         "negative_delta_count": int((d1 < 0).sum() + (d2 < 0).sum()),
-        "shared_optima_run1": shared_optima(d1), "shared_optima_run2": shared_optima(d2),
+        "shared_optima_run1": shared_optima(d1),
+        "shared_optima_run2": shared_optima(d2),
         "scores": {label: s.tolist() for label, s in scores.items()},
-        "metrics": metrics, "estimator_checks_rel_diff": checks, "criterion_seconds": timing,
-        "seconds": {"base_incl_hessians": t_base, "retrains": t_retrain, "criteria": t_crit,
-                    "total": time.perf_counter() - t_seed},
+        "metrics": metrics,
+        "estimator_checks_rel_diff": checks,
+        "criterion_seconds": timing,
+        "seconds": {
+            "base_incl_hessians": t_base,
+            "retrains": t_retrain,
+            "criteria": t_crit,
+            "total": time.perf_counter() - t_seed,
+        },
     }
 
 
@@ -682,15 +832,19 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def table(summary: dict[str, dict[str, float]], k: int, n_ch: int) -> str:
     width = max(len(label) for label in summary) + 2
-    lines = [f"{'criterion / configuration':<{width}}{'Spearman':>16}{'Kendall':>16}"
-             f"{f'top-{k}/{n_ch}':>10}{'Sp/√r':>9}{'Sp − default':>16}"]
+    lines = [
+        f"{'criterion / configuration':<{width}}{'Spearman':>16}{'Kendall':>16}"
+        f"{f'top-{k}/{n_ch}':>10}{'Sp/√r':>9}{'Sp − default':>16}"
+    ]
     lines.append("-" * len(lines[0]))
     for label, row in summary.items():
-        lines.append(f"{label:<{width}}"
-                     f"{row['spearman_mean']:>+9.3f} ±{row['spearman_std']:.3f}"
-                     f"{row['kendall_mean']:>+9.3f} ±{row['kendall_std']:.3f}"
-                     f"{row['topk_mean']:>10.3f}{row['spearman_over_sqrt_r_mean']:>9.2f}"
-                     f"{row['spearman_minus_default_mean']:>+9.3f} ±{row['spearman_minus_default_std']:.3f}")
+        lines.append(
+            f"{label:<{width}}"
+            f"{row['spearman_mean']:>+9.3f} ±{row['spearman_std']:.3f}"
+            f"{row['kendall_mean']:>+9.3f} ±{row['kendall_std']:.3f}"
+            f"{row['topk_mean']:>10.3f}{row['spearman_over_sqrt_r_mean']:>9.2f}"
+            f"{row['spearman_minus_default_mean']:>+9.3f} ±{row['spearman_minus_default_std']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -699,8 +853,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="150 training images (smoke test)")
     parser.add_argument("--n-train", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: float64 CPU kernels oversubscribe a shared 2-core box)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: float64 CPU kernels oversubscribe a shared 2-core box)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     cfg = Config(seeds=args.seeds, quick=args.quick, threads=args.threads)
@@ -711,8 +869,10 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {msg}", flush=True)
 
-    say(f"fidelity: digits, {cfg.n_train} training images, CNN widths {cfg.widths}, tanh, float64, "
-        f"λ={cfg.weight_decay}, tol={cfg.tol}, σ={cfg.sigma}, {cfg.seeds} seed(s)")
+    say(
+        f"fidelity: digits, {cfg.n_train} training images, CNN widths {cfg.widths}, tanh, float64, "
+        f"λ={cfg.weight_decay}, tol={cfg.tol}, σ={cfg.sigma}, {cfg.seeds} seed(s)"
+    )
     per_seed = [run_seed(seed, cfg, say) for seed in range(cfg.seeds)]
     wall = time.perf_counter() - start
     summary = summarize(per_seed)
@@ -727,20 +887,28 @@ def main(argv: list[str] | None = None) -> int:
     won = sum(run["control_won"] for s in per_seed for run in s["runs"])
     margins = [run["base_minus_control"] for s in per_seed for run in s["runs"]]
     neg = sum(s["negative_delta_count"] for s in per_seed)
-    print(f"worst base ‖∇L‖ {base_norm:.2e} (target {cfg.base_tol:g}); worst retrain ‖∇L‖ {retrain_norm:.2e} "
-          f"(target {cfg.tol:g}); retrains not converged: {n_bad}/{n_retrains}")
+    print(
+        f"worst base ‖∇L‖ {base_norm:.2e} (target {cfg.base_tol:g}); worst retrain ‖∇L‖ {retrain_norm:.2e} "
+        f"(target {cfg.tol:g}); retrains not converged: {n_bad}/{n_retrains}"
+    )
     for s in per_seed:
-        print(f"seed {s['seed']}: test-retest r = {s['test_retest_r']:.4f}, √r = {s['sqrt_r']:.4f}; "
-              f"base loss {s['base']['loss']:.6f}, test acc {s['base']['test_acc']:.3f}, "
-              f"H_ww min eig {s['base']['h_ww_min_eig']:.2e}")
+        print(
+            f"seed {s['seed']}: test-retest r = {s['test_retest_r']:.4f}, √r = {s['sqrt_r']:.4f}; "
+            f"base loss {s['base']['loss']:.6f}, test acc {s['base']['test_acc']:.3f}, "
+            f"H_ww min eig {s['base']['h_ww_min_eig']:.2e}"
+        )
     lower = sum(run["control_strictly_lower"] for s in per_seed for run in s["runs"])
-    print(f"control (base retrained from the perturbed start) ended below the base by > {CONTROL_MARGIN:g} in "
-          f"{won}/{len(margins)} runs (strictly lower in {lower}; largest base − control {max(margins):.1e}); "
-          f"removals ending below the reference: "
-          f"{neg}/{2 * sum(s['n_channels'] for s in per_seed)}")
+    print(
+        f"control (base retrained from the perturbed start) ended below the base by > {CONTROL_MARGIN:g} in "
+        f"{won}/{len(margins)} runs (strictly lower in {lower}; largest base − control {max(margins):.1e}); "
+        f"removals ending below the reference: "
+        f"{neg}/{2 * sum(s['n_channels'] for s in per_seed)}"
+    )
     shared = sum(s["shared_optima_run1"] + s["shared_optima_run2"] for s in per_seed)
-    print(f"removals whose retrain reached the same loss (±1e-9) as another removal's: "
-          f"{shared}/{2 * sum(s['n_channels'] for s in per_seed)}")
+    print(
+        f"removals whose retrain reached the same loss (±1e-9) as another removal's: "
+        f"{shared}/{2 * sum(s['n_channels'] for s in per_seed)}"
+    )
     baselines = ["magnitude (L1)", "taylor", "fisher", "random", "loss_drop (no retrain)"]
     best_base = max(baselines, key=lambda b: summary[b]["spearman_mean"])
     influence = [lab for lab in summary if lab.startswith("influence")]
@@ -748,29 +916,54 @@ def main(argv: list[str] | None = None) -> int:
     paper = "influence paper/ones/identity [paper]"
     for label in dict.fromkeys((DEFAULT_LABEL, best_inf, paper)):
         gap = summary[label]["spearman_mean"] - summary[best_base]["spearman_mean"]
-        print(f"{label}: Spearman {summary[label]['spearman_mean']:+.3f} vs best baseline {best_base} "
-              f"{summary[best_base]['spearman_mean']:+.3f} (difference {gap:+.3f})")
-    checks = {key: max(s["estimator_checks_rel_diff"][key] for s in per_seed)
-              for key in per_seed[0]["estimator_checks_rel_diff"]}
-    print("estimator vs explicit matrices (max rel. diff): "
-          + "; ".join(f"{key} {val:.1e}" for key, val in checks.items()))
-    print(f"activation tanh; data: {cfg.n_train} training images per seed (stratified subset of 1,797); "
-          f"bn_scale skipped (no BatchNorm); wall time {wall:.0f}s with {cfg.threads} thread(s)")
+        print(
+            f"{label}: Spearman {summary[label]['spearman_mean']:+.3f} vs best baseline {best_base} "
+            f"{summary[best_base]['spearman_mean']:+.3f} (difference {gap:+.3f})"
+        )
+    checks = {
+        key: max(s["estimator_checks_rel_diff"][key] for s in per_seed)
+        for key in per_seed[0]["estimator_checks_rel_diff"]
+    }
+    print(
+        "estimator vs explicit matrices (max rel. diff): "
+        + "; ".join(f"{key} {val:.1e}" for key, val in checks.items())
+    )
+    print(
+        f"activation tanh; data: {cfg.n_train} training images per seed (stratified subset of 1,797); "
+        f"bn_scale skipped (no BatchNorm); wall time {wall:.0f}s with {cfg.threads} thread(s)"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "benchmark": "fidelity", "settings": {**asdict(cfg), "k": k, "n_channels": n_ch,
-                                              "activation_note": "tanh: smooth, and better conditioned than SiLU here",
-                                              "bn_scale": "skipped: the network has no BatchNorm",
-                                              "control_margin": CONTROL_MARGIN},
-        "default_label": DEFAULT_LABEL, "default_options": asdict(lip.EstimatorOptions()),
-        "summary": summary, "wall_seconds": wall,
-        "worst_base_grad_norm": base_norm, "worst_retrain_grad_norm": retrain_norm,
-        "retrains_not_converged": n_bad, "retrains_total": n_retrains,
-        "control_won": won, "control_runs": len(margins), "estimator_checks_max_rel_diff": checks,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "numpy": np.__version__, "scipy": scipy.__version__, "lightning_ifprune": lip.__version__,
-                        "machine": platform.machine(), "command": " ".join(sys.argv)},
+        "benchmark": "fidelity",
+        "settings": {
+            **asdict(cfg),
+            "k": k,
+            "n_channels": n_ch,
+            "activation_note": "tanh: smooth, and better conditioned than SiLU here",
+            "bn_scale": "skipped: the network has no BatchNorm",
+            "control_margin": CONTROL_MARGIN,
+        },
+        "default_label": DEFAULT_LABEL,
+        "default_options": asdict(lip.EstimatorOptions()),
+        "summary": summary,
+        "wall_seconds": wall,
+        "worst_base_grad_norm": base_norm,
+        "worst_retrain_grad_norm": retrain_norm,
+        "retrains_not_converged": n_bad,
+        "retrains_total": n_retrains,
+        "control_won": won,
+        "control_runs": len(margins),
+        "estimator_checks_max_rel_diff": checks,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "lightning_ifprune": lip.__version__,
+            "machine": platform.machine(),
+            "command": " ".join(sys.argv),
+        },
         "per_seed": per_seed,
     }
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

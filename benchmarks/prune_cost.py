@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_ifprune import InfluencePruningCallback
+from lightning_ifprune import Influence, InfluencePruningCallback
 from lightning_ifprune.data import SyntheticDataModule
 from lightning_ifprune.measure import count_macs
 from lightning_ifprune.models import build_model
@@ -54,29 +54,51 @@ class StepTimer(Callback):
 
 def run(model_name: str, device: str, steps: int, batch: int, estimator: dict) -> dict:
     L.seed_everything(0)
-    data = SyntheticDataModule(input_shape=(3, 32, 32), num_classes=10, num_samples=steps * batch,
-                               num_eval_samples=batch, batch_size=batch)
+    data = SyntheticDataModule(
+        input_shape=(3, 32, 32),
+        num_classes=10,
+        num_samples=steps * batch,
+        num_eval_samples=batch,
+        batch_size=batch,
+    )
     net = build_model(model_name, num_classes=10, in_channels=3)
     example = torch.zeros(1, 3, 32, 32)
     dense = count_macs(net, example)
-    module = ImageClassifier(net, 10, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9,
-                                                                           weight_decay=1e-4))
-    pruner = InfluencePruningCallback(target_flops=0.5, start_epoch=1, example_input=example,
-                                      estimator=estimator, verbose=False)
+    module = ImageClassifier(net, 10, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
+    pruner = InfluencePruningCallback(
+        target_flops=0.5,
+        start_epoch=1,
+        example_input=example,
+        criterion=Influence(**estimator),
+        verbose=False,
+    )
     timer = StepTimer()
-    trainer = L.Trainer(max_epochs=2, accelerator=device, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[pruner, timer], limit_val_batches=0)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator=device,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruner, timer],
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     dense_steps = timer.times[1:steps]  # epoch 0 is dense; its first step warms up
     step_s = statistics.median(dense_steps)
     epoch_s = step_s * CIFAR_STEPS_PER_EPOCH
     rounds_s = sum(pruner.round_times)
     return {
-        "model": model_name, "batch": batch, "device": device, "estimator": estimator or "default",
+        "model": model_name,
+        "batch": batch,
+        "device": device,
+        "estimator": estimator or "default",
         "flops_kept": count_macs(module.net.cpu(), example) / dense,
-        "train_step_s": step_s, "cifar_epoch_s": epoch_s,
-        "round_s": pruner.round_times, "rounds_total_s": rounds_s,
+        "train_step_s": step_s,
+        "cifar_epoch_s": epoch_s,
+        "round_s": pruner.round_times,
+        "rounds_total_s": rounds_s,
         "rounds_in_epochs": rounds_s / epoch_s,
         "reference_epochs": 57,
     }
@@ -92,12 +114,20 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prune_cost.json"))
     args = parser.parse_args()
     result = run(args.model, args.device, 3 if args.quick else args.steps, 128, json.loads(args.estimator))
-    result.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                  device_name=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor())
+    result.update(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        device_name=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+    )
     print(f"estimator: {result['estimator']}")
-    print(f"{'model':10} {'step s':>8} {'epoch s (391 steps)':>20} {'rounds s':>9} {'rounds / epoch':>15} {'FLOPs kept':>11}")
-    print(f"{result['model']:10} {result['train_step_s']:8.3f} {result['cifar_epoch_s']:20.1f} "
-          f"{result['rounds_total_s']:9.1f} {result['rounds_in_epochs']:15.3f} {result['flops_kept']:11.3f}")
+    print(
+        f"{'model':10} {'step s':>8} {'epoch s (391 steps)':>20} {'rounds s':>9} {'rounds / epoch':>15} {'FLOPs kept':>11}"
+    )
+    print(
+        f"{result['model']:10} {result['train_step_s']:8.3f} {result['cifar_epoch_s']:20.1f} "
+        f"{result['rounds_total_s']:9.1f} {result['rounds_in_epochs']:15.3f} {result['flops_kept']:11.3f}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

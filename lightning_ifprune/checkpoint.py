@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_ifprune.surgery import replay_history
+from lightning_ifprune.surgery import HistoryStep, replay_history
 
 CHECKPOINT_KEY = "ifprune"
 _ATTR = "_ifprune_state"
@@ -32,7 +32,7 @@ def pruning_state(module: nn.Module) -> dict[str, Any]:
     return state
 
 
-def record_pruning(module: nn.Module, step: list[dict[str, object]], example_input: torch.Tensor) -> None:
+def record_pruning(module: nn.Module, step: HistoryStep, example_input: torch.Tensor) -> None:
     """Append one applied plan to the module's history."""
     state = pruning_state(module)
     state["history"].append(step)
@@ -62,10 +62,8 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> bo
     state = pruning_state(module)
     done = state["history"]
     if [list(s) for s in done] != [list(s) for s in history[: len(done)]]:
-        raise ValueError(
-            "the module was pruned differently from the checkpoint; build a fresh module to load it"
-        )
-    todo = history[len(done):]
+        raise ValueError("the module was pruned differently from the checkpoint; build a fresh module to load it")
+    todo = history[len(done) :]
     if not todo:
         return False
     example = saved["example_input"]
@@ -75,6 +73,24 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> bo
     for step in todo:
         record_pruning(module, list(step), example)
     return True
+
+
+def restore_on_load(module: nn.Module) -> None:
+    """Make ``module.on_load_checkpoint`` rebuild the pruned layers first (once per module).
+
+    Lightning calls it right before it loads the weights of ``fit(ckpt_path=...)``; this is
+    what :class:`PrunableMixin` does for classes, applied to one instance.
+    """
+    original = module.on_load_checkpoint
+    if getattr(original, "_restores_pruning", False):
+        return
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        restore_architecture(module, checkpoint)
+        original(checkpoint)
+
+    on_load_checkpoint._restores_pruning = True  # type: ignore[attr-defined]
+    module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
 
 
 class PrunableMixin:
@@ -92,7 +108,11 @@ class PrunableMixin:
 
 
 def load_pruned_checkpoint(
-    cls: type[M], path: str | PathLike, map_location: Any = "cpu", strict: bool = True, **kwargs: Any
+    cls: type[M],
+    path: str | PathLike,
+    map_location: Any = "cpu",
+    strict: bool = True,
+    **kwargs: Any,
 ) -> M:
     """Load any ``LightningModule`` class from a (possibly pruned) checkpoint.
 

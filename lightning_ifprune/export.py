@@ -31,13 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_ifprune.checkpoint import record_pruning
-from lightning_ifprune.surgery import replay_history
+from lightning_ifprune.checkpoint import CHECKPOINT_KEY, record_pruning
+from lightning_ifprune.surgery import History, replay_history
 
 STATE_FILE = "pruned_state.pt"
 SCRIPT_FILE = "model.pt"
-
-History = list[list[dict[str, Any]]]
 
 
 def plain_history(history: Iterable[Sequence[Mapping[str, Any]]], strip_prefix: str = "") -> History:
@@ -54,7 +52,7 @@ def plain_history(history: Iterable[Sequence[Mapping[str, Any]]], strip_prefix: 
             if strip_prefix:
                 if not group.startswith(strip_prefix):
                     raise ValueError(f"group {group!r} does not start with {strip_prefix!r}")
-                group = group[len(strip_prefix):]
+                group = group[len(strip_prefix) :]
             entries.append({"group": group, "indices": [int(i) for i in entry["indices"]]})  # type: ignore[union-attr]
         out.append(entries)
     return out
@@ -95,7 +93,7 @@ def export_pruned(
     example = example_input.detach().cpu()
     payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-        "ifprune": {"history": plain_history(history), "example_input": example[:1].clone()},
+        CHECKPOINT_KEY: {"history": plain_history(history), "example_input": example[:1].clone()},
         "model": model,
         "num_classes": None if num_classes is None else int(num_classes),
         "in_channels": None if in_channels is None else int(in_channels),
@@ -150,7 +148,7 @@ def load_exported(path: str | PathLike, map_location: Any = "cpu") -> nn.Module:
         in_channels=int(payload.get("in_channels") or 3),
         **dict(payload.get("model_kwargs") or {}),
     )
-    saved = payload.get("ifprune") or {}
+    saved = payload.get(CHECKPOINT_KEY) or {}
     history = saved.get("history") or []
     if history:
         example = saved["example_input"]

@@ -1,14 +1,21 @@
-"""Measured model cost: multiply-accumulates per sample and parameter count.
+"""Measured model cost and quality: MACs, parameters, latency, accuracy.
 
-This is the independent measurement (PyTorch's own FLOP counter) that the analytic cost model
-of :mod:`lightning_ifprune.structure` is checked against, and what run summaries report.
+These are the independent measurements (PyTorch's own FLOP counter, wall-clock time, a
+direct accuracy loop) that the analytic cost model of :mod:`lightning_ifprune.structure` is
+checked against, and what run summaries report.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_ifprune.structure import ChannelStructure, UnsupportedModelError
 
 
 def count_params(model: nn.Module) -> int:
@@ -32,3 +39,63 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2 // max(int(example_input.shape[0]), 1)
+
+
+def measure_cost(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(MACs per sample, parameters) of ``net``, measured on CPU; ``net`` stays on CPU."""
+    net.cpu()
+    return count_macs(net, torch.zeros(1, *input_shape)), count_params(net)
+
+
+def channel_widths(net: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Channels of every prunable group of ``net`` (``{}`` if it cannot be traced)."""
+    try:
+        return ChannelStructure.build(net, example.to(next(net.parameters()).device)).widths()
+    except UnsupportedModelError:
+        return {}
+
+
+@torch.no_grad()
+def measure_latency(
+    net: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    batch_size: int,
+    iters: int = 20,
+    warmup: int = 5,
+) -> float:
+    """Median wall time (ms) of one eval-mode forward pass of a ``batch_size`` batch on ``device``."""
+    param = next(net.parameters())
+    home, was_training = param.device, net.training
+    net.eval().to(device)
+    x = torch.randn(batch_size, *input_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    try:
+        for i in range(warmup + iters):
+            sync()
+            start = time.perf_counter()
+            net(x)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        net.train(was_training).to(home)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def evaluate_accuracy(module: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy of ``module`` over ``(inputs, targets)`` batches (works mid-``fit``)."""
+    was_training = module.training
+    device = next(module.parameters()).device
+    module.eval()
+    correct = total = 0
+    try:
+        for x, y in loader:
+            pred = module(x.to(device)).argmax(dim=1)
+            correct += int((pred.cpu() == y).sum())
+            total += len(y)
+    finally:
+        module.train(was_training)
+    return correct / max(total, 1)

@@ -11,6 +11,7 @@ runs by data, model, prune config and target, and writes
   unpruned accuracy as a dashed line;
 
 and prints the table. Plots use matplotlib's Agg canvas (no display, no pyplot state).
+:func:`print_summary` prints one run's results; :func:`plot_channels` draws its channels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -46,20 +49,28 @@ def _save(fig: Figure, path: str | PathLike) -> Path:
     return path
 
 
-def plot_channels(
-    before: Mapping[str, int], after: Mapping[str, int], path: str | PathLike, title: str = ""
-) -> Path:
+def plot_channels(before: Mapping[str, int], after: Mapping[str, int], path: str | PathLike, title: str = "") -> Path:
     """A bar chart of the channels of every group before and after pruning."""
     names = list(before) or list(after)
     width = max(6.0, 0.35 * len(names) + 2)
     fig = Figure(figsize=(width, 4.2))
     ax = fig.add_subplot()
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [before.get(n, 0) for n in names], 0.4, label="before", color="#b0c4de")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [before.get(n, 0) for n in names],
+        0.4,
+        label="before",
+        color="#b0c4de",
+    )
     ax.bar([x + 0.2 for x in xs], [after.get(n, 0) for n in names], 0.4, label="after", color="#1f4e79")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
-                       fontsize=8)
+    ax.set_xticklabels(
+        names,
+        rotation=60 if len(names) > 6 else 0,
+        ha="right" if len(names) > 6 else "center",
+        fontsize=8,
+    )
     ax.set_ylabel("channels")
     ax.set_xlabel("channel group (its first layer)")
     total_b, total_a = sum(before.values()), sum(after.values())
@@ -67,6 +78,67 @@ def plot_channels(
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_summary(summary: Mapping[str, Any]) -> None:
+    """The run's results: a before/after table, then the wall times."""
+    title = f"{summary['model']} on {summary['data']}, prune={summary['prune']}"
+    if summary.get("target") is not None:
+        title += f" (target {summary['target_resource']} {summary['target']:g})"
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("before pruning", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("after / before", justify="right")
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.2f} %"
+
+    def row(label: str, before: Any, after: Any) -> None:
+        ratio = f"{after / before:.3f}" if before else ""
+        table.add_row(label, _format_value(before), _format_value(after), ratio)
+
+    acc_b, acc_a = summary.get("test_acc_before"), summary.get("test_acc_after")
+    table.add_row(
+        "test accuracy",
+        pct(acc_b),
+        pct(acc_a),
+        "" if acc_b is None or acc_a is None else f"{100 * (acc_a - acc_b):+.2f} pts",
+    )
+    if summary.get("test_acc_pruned") is not None:
+        table.add_row("  right after pruning, no fine-tune", "", pct(summary["test_acc_pruned"]), "")
+    row("MACs per sample", summary["flops_before"], summary["flops_after"])
+    row("parameters", summary["params_before"], summary["params_after"])
+    row(
+        "channels (prunable groups)",
+        sum(summary["channels_before"].values()),
+        sum(summary["channels_after"].values()),
+    )
+    if summary.get("latency_before_ms") is not None:
+        row(
+            f"latency ms (batch {summary['latency_batch_size']}, {summary['latency_device']})",
+            round(summary["latency_before_ms"], 3),
+            round(summary["latency_after_ms"], 3),
+        )
+    table.add_section()
+    for key, label in (
+        ("wall_pretrain_s", "pre-train time s"),
+        ("wall_prune_s", "pruning rounds time s"),
+        ("wall_finetune_s", "fine-tune time s"),
+        ("wall_s", "total wall time s"),
+    ):
+        table.add_row(label, "", f"{summary[key]:.2f}", "")
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------- sweeps
@@ -169,7 +241,7 @@ def aggregate(summaries: Iterable[Mapping[str, Any]]) -> list[Row]:
         _add(row.flops_kept, _ratio(s, "flops"))
         _add(row.params_kept, _ratio(s, "params"))
         before = s.get("test_acc_before")
-        after = s.get("test_acc_after", s.get("test_acc"))
+        after = s.get("test_acc_after")
         _add(row.acc_before, before)
         _add(row.acc_pruned, s.get("test_acc_pruned"))
         _add(row.acc_after, after)
@@ -192,8 +264,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
         head.insert(0, "data / model")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r.method, f"{r.target:g}", str(len(r.seeds)), r.flops_kept.fmt(digits=3),
-                 r.params_kept.fmt(digits=3), r.acc_before.fmt(100)]
+        cells = [
+            r.method,
+            f"{r.target:g}",
+            str(len(r.seeds)),
+            r.flops_kept.fmt(digits=3),
+            r.params_kept.fmt(digits=3),
+            r.acc_before.fmt(100),
+        ]
         if pruned:
             cells.append(r.acc_pruned.fmt(100))
         cells += [r.acc_after.fmt(100), r.delta.fmt(100), r.prune_s.fmt(digits=1)]
@@ -219,8 +297,10 @@ def plot_tradeoff(rows: Sequence[Row], path: str | PathLike) -> Path:
         for j, (attr, label) in enumerate(stages):
             ax = axes[i][j]
             for method in methods:
-                pts = sorted((r for r in mine if r.method == method and getattr(r, attr).n and r.flops_kept.n),
-                             key=lambda r: r.flops_kept.mean)
+                pts = sorted(
+                    (r for r in mine if r.method == method and getattr(r, attr).n and r.flops_kept.n),
+                    key=lambda r: r.flops_kept.mean,
+                )
                 if not pts:
                     continue
                 xs = [r.flops_kept.mean for r in pts]

@@ -9,14 +9,12 @@ channel's cost of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
-from lightning_ifprune.surgery import prune_channels
+from lightning_ifprune.structure import ChannelStructure
 
 NORMALIZATIONS = ("none", "cost", "sqrt")
 RESOURCES = ("flops", "params", "channels")
@@ -29,22 +27,6 @@ class Baseline:
     flops: int
     params: int
     channels: int
-
-
-@dataclass
-class PruneReport:
-    """What one call of :func:`prune_to_target` did."""
-
-    flops_before: int
-    flops_after: int
-    params_before: int
-    params_after: int
-    channels_before: dict[str, int]
-    channels_after: dict[str, int]
-    plan: dict[str, list[int]]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def baseline_of(structure: ChannelStructure) -> Baseline:
@@ -88,6 +70,20 @@ def _check_scores(structure: ChannelStructure, scores: Mapping[str, torch.Tensor
     return out
 
 
+def check_reachable(
+    structure: ChannelStructure, resource: str, fraction: float, baseline: Baseline, hint: str = ""
+) -> None:
+    """Raise ``ValueError`` unless removing every removable channel (each group down to its
+    ``min_keep``) brings ``resource`` to ``fraction`` of ``baseline``; ``hint`` says why not."""
+    removable = {n: g.size - g.min_keep for n, g in structure.groups.items()}
+    smallest = resource_size(structure, resource, removable) / getattr(baseline, resource)
+    if smallest > fraction:
+        raise ValueError(
+            f"target {resource}={fraction:g} is unreachable: removing every removable channel "
+            f"leaves {smallest:.3f} of the baseline{hint}"
+        )
+
+
 def select_channels(
     structure: ChannelStructure,
     scores: Mapping[str, torch.Tensor],
@@ -116,6 +112,7 @@ def select_channels(
 
     if size({}) <= limit:
         return {}
+    check_reachable(structure, resource, fraction, baseline)
     unit = structure.channel_costs()
     power = {"none": 0.0, "cost": 1.0, "sqrt": 0.5}[normalize]
     keys, values = [], []
@@ -140,11 +137,6 @@ def select_channels(
             out[name] = out.get(name, 0) + 1
         return out
 
-    if size(counts(len(admissible))) > limit:
-        raise ValueError(
-            f"target {resource}={fraction:g} is unreachable: removing every removable channel "
-            f"leaves {size(counts(len(admissible))) / getattr(baseline, resource):.3f} of the baseline"
-        )
     lo, hi = 0, len(admissible)  # size(counts(hi)) <= limit < size(counts(lo))
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -158,41 +150,3 @@ def select_channels(
     for name, idx in admissible[:hi]:
         plan.setdefault(name, []).append(idx)
     return {n: sorted(v) for n, v in plan.items()}
-
-
-def prune_to_target(
-    model: nn.Module,
-    scores: Mapping[str, torch.Tensor],
-    flops: float | None = None,
-    params: float | None = None,
-    channels: float | None = None,
-    normalize: str = "sqrt",
-    *,
-    example_inputs: torch.Tensor | None = None,
-    ignored_layers: Iterable[str | nn.Module] = (),
-    min_channels: int | float = 1,
-    baseline: Baseline | None = None,
-) -> PruneReport:
-    """Prune ``model`` in place to at most the given fraction of its FLOPs, params or channels.
-
-    ``scores`` maps group names to per-channel scores (lower = prune first), e.g. from
-    :func:`lightning_ifprune.score_channels`, whose result also carries the example inputs.
-    Fractions refer to ``baseline`` (default: the model as it is now). Nothing changes if
-    the target is unreachable or the scores are malformed.
-    """
-    resource, fraction = parse_target(flops, params, channels)
-    if example_inputs is None:
-        example_inputs = getattr(scores, "example_inputs", None)
-    if example_inputs is None:
-        raise ValueError("prune_to_target needs example_inputs= (or scores from score_channels)")
-    structure = ChannelStructure.build(
-        model, validate_example_inputs(example_inputs), ignored_layers=ignored_layers, min_channels=min_channels
-    )
-    plan = select_channels(structure, scores, resource, fraction, normalize, baseline)
-    flops_before, params_before = structure.cost()
-    before = structure.widths()
-    applied = prune_channels(structure, plan)
-    removed = {n: len(v) for n, v in applied.items()}
-    flops_after, params_after = structure.cost(removed)
-    after = {n: w - removed.get(n, 0) for n, w in before.items()}
-    return PruneReport(flops_before, flops_after, params_before, params_after, before, after, applied)

@@ -4,22 +4,36 @@ A *plan* maps group names to the channel indices to remove, e.g.
 ``{"layer1.0.conv1": [3, 7]}``. :func:`prune_channels` checks the whole plan before it
 touches anything, removes the channels through Torch-Pruning's layer surgery (a fresh
 group per entry, never ``group.prune(idxs=...)``), and restores the model exactly if any
-step fails. The applied plans form the *history*: lists of names and ints that survive
-``torch.load(weights_only=True)`` and rebuild the pruned architecture on a fresh model.
+step fails. It returns what it did (:class:`SurgeryResult`): the applied plan, which entries
+of each parameter went (to slice optimizer state alike, :mod:`lightning_ifprune.optim`), the
+replaced parameters, and the history step. The applied plans form the *history*: lists of
+names and ints that survive ``torch.load(weights_only=True)`` and rebuild the pruned
+architecture on a fresh model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lightning_ifprune.structure import ChannelStructure
+from lightning_ifprune.structure import (
+    CONV_TYPES,
+    PER_CHANNEL_TYPES,
+    WEIGHTED_TYPES,
+    ChannelStructure,
+)
+from lightning_ifprune.structure.ops import is_depthwise
 
-#: One applied plan per entry: ``[{"group": name, "indices": [...]}, ...]``.
-History = list[list[dict[str, object]]]
+#: One applied plan: ``[{"group": name, "indices": [...]}, ...]``.
+HistoryStep = list[dict[str, object]]
+#: The applied plans of a model, oldest first.
+History = list[HistoryStep]
+#: Which entries of a parameter a plan removes: ``{dim: indices}``.
+ParamSlices = dict[int, list[int]]
 
 
 class PruningPlanError(ValueError):
@@ -38,7 +52,8 @@ def validate_plan(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]
         if name not in structure.groups:
             why = structure.skipped.get(name)
             raise PruningPlanError(
-                f"group '{name}' is not prunable ({why})" if why
+                f"group '{name}' is not prunable ({why})"
+                if why
                 else f"unknown group '{name}'; prunable groups: {sorted(structure.groups)[:8]}..."
             )
         if isinstance(idxs, torch.Tensor):
@@ -72,8 +87,11 @@ def _atomic(model: nn.Module) -> Iterator[None]:
     """
     saved = []
     for module in model.modules():
-        attrs = {k: v for k, v in vars(module).items()
-                 if not k.startswith("_") and isinstance(v, (int, float, bool, tuple, str))}
+        attrs = {
+            k: v
+            for k, v in vars(module).items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, tuple, str))
+        }
         saved.append((module, dict(module._parameters), dict(module._buffers), attrs))
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
@@ -91,18 +109,43 @@ def _atomic(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+@dataclass(frozen=True)
+class SurgeryResult:
+    """What :func:`prune_channels` did.
+
+    ``plan``: the applied plan (sorted indices); ``slices``: per parameter name, the entries
+    removed along each dim; ``replaced``: per parameter name, ``(old, new)`` parameter objects.
+    """
+
+    plan: dict[str, list[int]] = field(default_factory=dict)
+    slices: dict[str, ParamSlices] = field(default_factory=dict)
+    replaced: dict[str, tuple[nn.Parameter, nn.Parameter]] = field(default_factory=dict)
+
+    @property
+    def history_step(self) -> HistoryStep:
+        """The plan as one history entry (plain names and ints)."""
+        return plan_to_history_step(self.plan)
+
+    @property
+    def removed(self) -> dict[str, int]:
+        """Channels removed per group."""
+        return {n: len(v) for n, v in self.plan.items()}
+
+
+def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> SurgeryResult:
     """Physically remove the planned channels from ``structure.model``, all or nothing.
 
-    Frozen parameters stay frozen and every module keeps its train/eval mode. Returns the
-    applied plan (sorted indices). ``structure`` describes the model before pruning and is
-    stale afterwards: build a new one for further work.
+    Frozen parameters stay frozen and every module keeps its train/eval mode. ``structure``
+    describes the model before pruning and is stale afterwards: build a new one for further
+    work.
     """
     steps = validate_plan(structure, plan)
     if not steps:
-        return {}
+        return SurgeryResult()
     model, graph = structure.model, structure.graph
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    slices = _parameter_slices(structure, steps)
+    old = dict(model.named_parameters())
+    frozen = {name for name, p in old.items() if not p.requires_grad}
     modes = [(m, m.training) for m in model.modules()]
     with _atomic(model):
         for name, idxs in steps.items():
@@ -115,7 +158,9 @@ def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]
         for m, training in modes:
             m.training = training
         _check_forward(model, structure.example_inputs)
-    return steps
+    new = dict(model.named_parameters())
+    replaced = {n: (p, new[n]) for n, p in old.items() if n in new and new[n] is not p}
+    return SurgeryResult(steps, slices, replaced)
 
 
 def _check_forward(model: nn.Module, example_inputs: torch.Tensor) -> None:
@@ -130,7 +175,7 @@ def _check_forward(model: nn.Module, example_inputs: torch.Tensor) -> None:
             m.training = training
 
 
-def plan_to_history_step(plan: Mapping[str, Sequence[int]]) -> list[dict[str, object]]:
+def plan_to_history_step(plan: Mapping[str, Sequence[int]]) -> HistoryStep:
     """One history entry: plain names and ints (safe for ``weights_only`` loading)."""
     return [{"group": name, "indices": [int(i) for i in idxs]} for name, idxs in plan.items()]
 
@@ -147,19 +192,17 @@ def replay_history(
     return model
 
 
-def parameter_slices(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> dict[str, dict[int, list[int]]]:
-    """Which entries of each parameter a plan removes: ``{param name: {dim: indices}}``.
+def _parameter_slices(structure: ChannelStructure, steps: Mapping[str, Sequence[int]]) -> dict[str, ParamSlices]:
+    """Which entries of each parameter a validated plan removes: ``{param name: {dim: indices}}``.
 
-    Computed from the same dependency groups the surgery uses, before anything changes, so
-    tensors shaped like a parameter (optimizer moments, say) can be sliced to match.
+    Computed from the same dependency groups the surgery uses, before anything changes.
     """
-    steps = validate_plan(structure, plan)
     model, graph = structure.model, structure.graph
     names = {m: n for n, m in model.named_modules()}
-    out: dict[str, dict[int, list[int]]] = {}
+    out: dict[str, ParamSlices] = {}
 
     def add(module: nn.Module, attr: str, dim: int, idxs: Sequence[int]) -> None:
-        if getattr(module, attr, None) is None or not isinstance(getattr(module, attr), nn.Parameter):
+        if not isinstance(getattr(module, attr, None), nn.Parameter):
             return
         prefix = names[module]
         key = f"{prefix}.{attr}" if prefix else attr
@@ -173,23 +216,13 @@ def parameter_slices(structure: ChannelStructure, plan: Mapping[str, Sequence[in
             module, handler = item.dep.target.module, item.dep.handler
             if not isinstance(module, nn.Module) or module not in names:
                 continue
-            depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not depthwise:
+            if isinstance(module, WEIGHTED_TYPES) and not is_depthwise(module):
                 if graph.is_out_channel_pruning_fn(handler):
                     add(module, "weight", 0, item.idxs)
                     add(module, "bias", 0, item.idxs)
                 else:
                     add(module, "weight", 1, item.idxs)
-            elif isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.PReLU)):
+            elif isinstance(module, (*CONV_TYPES, *PER_CHANNEL_TYPES)):
                 add(module, "weight", 0, item.idxs)
                 add(module, "bias", 0, item.idxs)
     return out
-
-
-def slice_like(tensor: torch.Tensor, removed: Mapping[int, Sequence[int]]) -> torch.Tensor:
-    """``tensor`` with the entries listed in ``removed`` ({dim: indices}) dropped."""
-    for dim, idxs in removed.items():
-        drop = set(idxs)
-        keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in drop], device=tensor.device)
-        tensor = tensor.index_select(dim, keep)
-    return tensor

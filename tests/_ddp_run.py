@@ -30,8 +30,13 @@ class RankCheck(Callback):
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         flat = torch.cat([p.detach().double().flatten() for p in pl_module.parameters()])
-        sig = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum(),
-                           torch.tensor(float(flat.numel()), dtype=torch.float64)])
+        sig = torch.stack(
+            [
+                flat.sum(),
+                (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum(),
+                torch.tensor(float(flat.numel()), dtype=torch.float64),
+            ]
+        )
         gathered = trainer.strategy.all_gather(sig)
         self.results.append(bool(torch.equal(gathered[0], gathered[1])))
 
@@ -44,21 +49,42 @@ class RankCheck(Callback):
 
 def main() -> None:
     out, rewrap = Path(sys.argv[1]), "--no-rewrap" not in sys.argv
-    lip.InfluencePruningCallback.rewrap_ddp = rewrap
+    if not rewrap:  # what a pruner that forgets the re-wrap would do
+        lip.callback.rewrap_ddp = lambda trainer: None
     L.seed_everything(0)
     module = classifier()
-    pruner = lip.InfluencePruningCallback(target_flops=0.5, start_epoch=1, rounds=2,
-                                          estimator={"num_probes": 4, "cg_iters": 4},
-                                          example_input=torch.zeros(1, 1, 8, 8))
+    pruner = lip.InfluencePruningCallback(
+        target_flops=0.5,
+        start_epoch=1,
+        rounds=2,
+        criterion=lip.Influence(num_probes=4, cg_iters=4),
+        example_input=torch.zeros(1, 1, 8, 8),
+    )
     check = RankCheck()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[pruner, check])
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_find_unused_parameters_true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[pruner, check],
+    )
     trainer.fit(module, loader(512))
     if trainer.global_rank == 0:
         history = lip.checkpoint.pruning_state(module)["history"]
-        out.write_text(json.dumps({"rounds": len(history), "checks": len(check.results),
-                                   "identical": all(check.results), "per_check": check.results}))
+        out.write_text(
+            json.dumps(
+                {
+                    "rounds": len(history),
+                    "checks": len(check.results),
+                    "identical": all(check.results),
+                    "per_check": check.results,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -62,11 +62,11 @@ def explicit_hessian(model, structure, x, y, weight_decay: float = 0.0):
         params, i = {}, 0
         for n, s in zip(names, shapes, strict=True):
             k = s.numel()
-            params[n] = flat[i:i + k].view(s)
+            params[n] = flat[i : i + k].view(s)
             i += k
         masks, j = {}, nw
         for g, k in sizes.items():
-            masks[g] = flat[j:j + k]
+            masks[g] = flat[j : j + k]
             j += k
         with channel_masks(structure, masks):
             out = functional_call(model, params, (x,))

@@ -11,6 +11,7 @@ from _tiny import tiny_setup
 from torch import nn
 
 import lightning_ifprune as lip
+from lightning_ifprune.criteria import resolve_criterion
 from lightning_ifprune.structure import ChannelStructure
 from lightning_ifprune.surgery import prune_channels
 
@@ -58,8 +59,8 @@ def test_taylor_and_fisher_accumulate_over_batches(tiny) -> None:
     model, x, y = tiny
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]
     per_batch = [_mask_grads_by_autograd(model, bx, by) for bx, by in batches]
-    taylor = lip.score_channels(model, batches, F.cross_entropy, "taylor")
-    fisher = lip.score_channels(model, batches, F.cross_entropy, "fisher")
+    taylor = lip.score_channels(model, batches, loss_fn=F.cross_entropy, criterion="taylor")
+    fisher = lip.score_channels(model, batches, loss_fn=F.cross_entropy, criterion="fisher")
     for name in taylor:
         assert torch.allclose(taylor[name], sum(g[name].abs() for g in per_batch), rtol=1e-10)
         assert torch.allclose(fisher[name], sum(g[name] ** 2 for g in per_batch), rtol=1e-10)
@@ -67,7 +68,7 @@ def test_taylor_and_fisher_accumulate_over_batches(tiny) -> None:
 
 def test_loss_drop_equals_loss_of_the_physically_pruned_model(tiny) -> None:
     model, x, y = tiny
-    scores = lip.score_channels(model, [(x, y)], F.cross_entropy, "loss_drop")
+    scores = lip.score_channels(model, [(x, y)], loss_fn=F.cross_entropy, criterion="loss_drop")
     base = _batch_stat_loss(model, x, y).item()
     for name, k in (("conv1", 2), ("conv2", 0)):
         pruned = copy.deepcopy(model)
@@ -83,7 +84,7 @@ def test_random_is_seeded_and_callables_are_accepted(tiny) -> None:
     c = lip.score_channels(model, criterion="random", example_inputs=x[:1], seed=5)
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["conv1"], c["conv1"])
 
-    def by_index(structure, batches, loss_fn):
+    def by_index(structure, batches, loss):
         return {n: torch.arange(g.size, dtype=torch.float) for n, g in structure.groups.items()}
 
     custom = lip.score_channels(model, criterion=by_index, example_inputs=x[:1])
@@ -94,12 +95,56 @@ def test_criterion_errors(tiny) -> None:
     model, x, y = tiny
     with pytest.raises(ValueError, match="unknown criterion 'nope'"):
         lip.score_channels(model, criterion="nope", example_inputs=x[:1])
-    with pytest.raises(ValueError, match="needs loss_fn"):
+    with pytest.raises(ValueError, match="needs a loss"):
         lip.score_channels(model, [(x, y)], criterion="taylor")
     with pytest.raises(TypeError, match="unknown influence options"):
-        lip.score_channels(model, [(x, y)], F.cross_entropy, "influence", probs="ones")
+        lip.score_channels(model, [(x, y)], loss_fn=F.cross_entropy, criterion="influence", probs="ones")
     with pytest.raises(ValueError, match="got 1 scores"):
-        lip.score_channels(model, criterion=lambda s, b, f: {n: torch.ones(1) for n in s.groups},
-                           example_inputs=x[:1])
+        lip.score_channels(
+            model,
+            criterion=lambda s, b, f: {n: torch.ones(1) for n in s.groups},
+            example_inputs=x[:1],
+        )
     with pytest.raises(ValueError, match="example_inputs"):
         lip.score_channels(model, criterion="magnitude")
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "field"),
+    [
+        (lambda: lip.Influence(cg_iters=2.5), ValueError, "cg_iters"),
+        (lambda: lip.Influence(cg_iters=True), ValueError, "cg_iters"),
+        (lambda: lip.Influence(damping="0.01"), ValueError, "damping"),
+        (lambda: lip.Influence(damping=-1.0), ValueError, "damping"),
+        (lambda: lip.Influence(weight_decay="1e-4"), ValueError, "weight_decay"),
+        (lambda: lip.Influence(score="exact"), ValueError, "score"),
+        (lambda: lip.Influence(probs="ones"), TypeError, "probs"),
+        (lambda: lip.Influence({"micro_batches": 0}), ValueError, "micro_batches"),
+        (lambda: lip.Influence(["paper"]), TypeError, "options"),
+        (lambda: lip.Influence(score="retrained"), ValueError, "retrained"),
+        (lambda: lip.Influence(inverse="identity", weight_decay=0.0), ValueError, "weight_decay"),
+        (lambda: lip.Magnitude(p=3), ValueError, "p must be"),
+        (lambda: lip.Magnitude(p=True), ValueError, "p must be"),
+        (lambda: lip.Random(seed=1.5), ValueError, "seed"),
+        (lambda: resolve_criterion("magnitude", damping=1), TypeError, "damping"),
+        (lambda: resolve_criterion("taylor", p=2), TypeError, r"\['p'\]"),
+        (lambda: resolve_criterion(lip.Taylor(), p=2), TypeError, "configure the object"),
+        (
+            lambda: lip.InfluencePruningCallback(0.5, criterion="fisher", num_batches=0),
+            ValueError,
+            "num_batches",
+        ),
+    ],
+)
+def test_criterion_options_fail_at_construction_naming_the_field(build, error, field) -> None:
+    with pytest.raises(error, match=field):
+        build()
+
+
+def test_criteria_compare_by_configuration() -> None:
+    assert lip.Influence(cg_iters=5) == lip.Influence(lip.EstimatorOptions(cg_iters=5))
+    assert lip.Influence(cg_iters=5) != lip.Influence()
+    assert lip.Influence({"cg_iters": 5}, cg_iters=7).options.cg_iters == 7  # fields override
+    assert lip.Magnitude(2) != lip.Magnitude(1) and lip.Taylor() == lip.Taylor()
+    assert resolve_criterion("influence", num_probes=4) == lip.Influence(num_probes=4)
+    assert lip.Influence().needs_data and not lip.Magnitude().needs_data

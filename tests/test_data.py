@@ -88,11 +88,7 @@ def test_digits_native_size_is_not_resampled() -> None:
 def _shifts(image: torch.Tensor, s: int, fill: float) -> list[torch.Tensor]:
     height, width = image.shape[-2:]
     padded = F.pad(image, (s, s, s, s), value=fill)
-    return [
-        padded[:, dy : dy + height, dx : dx + width]
-        for dy in range(2 * s + 1)
-        for dx in range(2 * s + 1)
-    ]
+    return [padded[:, dy : dy + height, dx : dx + width] for dy in range(2 * s + 1) for dx in range(2 * s + 1)]
 
 
 def test_digits_augmentation_is_a_small_shift_on_train_only(digits: DigitsDataModule) -> None:
@@ -135,9 +131,7 @@ def test_cifar_missing_data_names_the_path(cls: type, tmp_path: Path) -> None:
         assert "download=true" in message
 
 
-def test_cifar_download_offline_raises_one_clean_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cifar_download_offline_raises_one_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("no network")
 
@@ -224,9 +218,7 @@ def _write_image_folder(root: Path, classes: int, per_class: int) -> None:
 
 def test_imagenet_folder_pipeline(tmp_path: Path) -> None:
     _write_image_folder(tmp_path, classes=2, per_class=3)
-    dm = ImageNetDataModule(
-        data_dir=str(tmp_path), batch_size=4, num_workers=0, num_classes=2, image_size=32
-    )
+    dm = ImageNetDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, num_classes=2, image_size=32)
     dm.prepare_data()
     dm.setup()
     assert len(dm.train_set) == 6 and dm.val_set is dm.test_set and len(dm.val_set) == 6
@@ -256,9 +248,7 @@ def test_synthetic_shapes_and_determinism() -> None:
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 2, 12, 10) and y.dtype == torch.long
     assert y.min() >= 0 and y.max() < 4
-    again = SyntheticDataModule(
-        input_shape=(2, 12, 10), num_classes=4, num_samples=40, num_eval_samples=8, seed=3
-    )
+    again = SyntheticDataModule(input_shape=(2, 12, 10), num_classes=4, num_samples=40, num_eval_samples=8, seed=3)
     again.setup()
     assert torch.equal(again.train_set.tensors[0], dm.train_set.tensors[0])
     assert torch.equal(again.test_set.tensors[1], dm.test_set.tensors[1])

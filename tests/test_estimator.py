@@ -10,15 +10,16 @@ from _tiny import explicit_hessian, tiny_setup
 from lightning_ifprune.estimator import (
     BatchHessian,
     EstimatorOptions,
-    MaskSpace,
-    _solve,
+    apply_inverse,
     estimate,
     estimation_mode,
 )
-from lightning_ifprune.structure import ChannelStructure
+from lightning_ifprune.loss import supervised
+from lightning_ifprune.structure import ChannelStructure, MaskSpace
 from lightning_ifprune.surgery import prune_channels
 
 LAM = 1e-2
+CE = supervised(F.cross_entropy)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def _flat_m(d, sizes):
 def _split_m(v, sizes):
     out, j = {}, 0
     for g, k in sizes.items():
-        out[g] = v[None, j:j + k]
+        out[g] = v[None, j : j + k]
         j += k
     return out
 
@@ -43,7 +44,7 @@ def _split_m(v, sizes):
 def _split_w(v, params):
     out, i = {}, 0
     for n, p in params.items():
-        out[n] = v[i:i + p.numel()].view(1, *p.shape)
+        out[n] = v[i : i + p.numel()].view(1, *p.shape)
         i += p.numel()
     return out
 
@@ -64,7 +65,7 @@ def test_every_product_matches_the_explicit_hessian(tiny) -> None:
     v = torch.randn(sum(sizes.values()), generator=gen, dtype=torch.float64)
     u = torch.randn(nw, generator=gen, dtype=torch.float64)
     with estimation_mode(model):
-        hb = BatchHessian(model, params, (x, y), F.cross_entropy)
+        hb = BatchHessian(model, params, (x, y), CE)
         w = {k: p.detach() for k, p in params.items()}
         g = hb.grad
         g_m = space.reduce({k: (w[k] * g[k])[None] for k in w}, dtype=torch.float64)
@@ -84,7 +85,7 @@ def test_every_product_matches_the_explicit_hessian(tiny) -> None:
     assert _rel(_flat_m(h_mw_u, sizes), hess[nw:, :nw] @ u) <= 1e-8
 
 
-def test_cg_matches_an_explicit_solve(tiny) -> None:
+def test_cg_matches_an_explicitapply_inverse(tiny) -> None:
     model, structure, x, y, grad, hess, nw, sizes = tiny
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     damping = 25.0  # shifts the (indefinite) Hessian to positive definite: CG then solves it
@@ -93,8 +94,8 @@ def test_cg_matches_an_explicit_solve(tiny) -> None:
     matrix = hess[:nw, :nw] + damping * torch.eye(nw, dtype=torch.float64)
     assert torch.linalg.eigvalsh(matrix).min() > 0
     with estimation_mode(model):
-        hb = BatchHessian(model, params, (x, y), F.cross_entropy)
-        got = _flat_w(_solve(hb, _split_w(b, params), opts), params)
+        hb = BatchHessian(model, params, (x, y), CE)
+        got = _flat_w(apply_inverse(hb, _split_w(b, params), opts), params)
     assert _rel(got, torch.linalg.solve(matrix, b)) <= 1e-6
 
 
@@ -108,7 +109,7 @@ def test_paper_score_equals_explicit_formula(tiny) -> None:
     _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
     expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
     opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1)
-    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    got = estimate(structure, [(x, y)], CE, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
 
 
@@ -118,7 +119,7 @@ def test_retrained_score_with_exact_probes_equals_explicit_schur_diagonal(tiny) 
     h_mm, influence = _schur_parts(hess, nw, inverse)
     expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
     opts = EstimatorOptions(score="retrained", probes="exact", inverse="identity", weight_decay=LAM, micro_batches=1)
-    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    got = estimate(structure, [(x, y)], CE, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
 
 
@@ -128,26 +129,36 @@ def test_hutchinson_mean_converges_to_the_explicit_diagonal(tiny) -> None:
     expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
     errors = []
     for probes in (8, 512):
-        opts = EstimatorOptions(score="retrained", probes="rademacher", num_probes=probes,
-                                probe_batch=64, inverse="identity", weight_decay=LAM, seed=3, micro_batches=1)
-        got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+        opts = EstimatorOptions(
+            score="retrained",
+            probes="rademacher",
+            num_probes=probes,
+            probe_batch=64,
+            inverse="identity",
+            weight_decay=LAM,
+            seed=3,
+            micro_batches=1,
+        )
+        got = estimate(structure, [(x, y)], CE, opts).scores
         errors.append(_rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected))
     assert errors[1] < 0.15 and errors[1] < errors[0]
 
 
-def test_estimation_restores_state_grads_and_modes(tiny) -> None:
+def test_estimation_restores_state_grads_and_modes(tiny, state_snapshot) -> None:
     model, structure, x, y, *_ = tiny
     model.train()
     model.bn2.eval()
     model.fc.weight.requires_grad_(False)
     model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
     try:
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        modes = [m.training for m in model.modules()]
-        estimate(structure, [(x, y), (x * 2, y)], F.cross_entropy,
-                 EstimatorOptions(num_probes=4, cg_iters=3, weight_decay=LAM))
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-        assert [m.training for m in model.modules()] == modes
+        before = state_snapshot(model)
+        estimate(
+            structure,
+            [(x, y), (x * 2, y)],
+            CE,
+            EstimatorOptions(num_probes=4, cg_iters=3, weight_decay=LAM),
+        )
+        before.assert_unchanged()
         assert torch.equal(model.conv1.weight.grad, torch.ones_like(model.conv1.weight))
         assert model.conv2.weight.grad is None and not model.fc.weight.requires_grad
         assert all(m.track_running_stats for m in (model.bn1, model.bn2))
@@ -164,9 +175,9 @@ def test_estimation_under_autocast_runs_in_float32() -> None:
     hook = model.conv2.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
     try:
-        reference = estimate(structure, [(x.float(), y)], F.cross_entropy, opts).scores
+        reference = estimate(structure, [(x.float(), y)], CE, opts).scores
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = estimate(structure, [(x.float(), y)], F.cross_entropy, opts).scores
+            got = estimate(structure, [(x.float(), y)], CE, opts).scores
     finally:
         hook.remove()
     assert seen and all(d == torch.float32 for d in seen)
@@ -179,8 +190,8 @@ def test_micro_batches_without_norm_layers_give_the_same_scores() -> None:
     model.bn1, model.bn2 = torch.nn.Identity(), torch.nn.Identity()
     structure = type(structure).build(model, x[:2])
     opts = dict(score="paper", probes="ones", inverse="cg", cg_iters=4, weight_decay=LAM)
-    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batches=1, **opts)).scores
-    split = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batches=3, **opts)).scores
+    whole = estimate(structure, [(x, y)], CE, EstimatorOptions(micro_batches=1, **opts)).scores
+    split = estimate(structure, [(x, y)], CE, EstimatorOptions(micro_batches=3, **opts)).scores
     assert all(torch.allclose(whole[k], split[k], rtol=1e-10, atol=0) for k in whole)
 
 
@@ -188,30 +199,35 @@ def test_micro_batches_with_batch_norm_estimate_the_mean_of_the_parts() -> None:
     # With BN, two micro-batches are two half-batch losses (each with its own statistics):
     # the default's scores are those of the explicit Hessian of their mean.
     model, structure, x, y = tiny_setup()
-    parts = [explicit_hessian(model, structure, x[i:i + 3], y[i:i + 3], LAM) for i in (0, 3)]
+    parts = [explicit_hessian(model, structure, x[i : i + 3], y[i : i + 3], LAM) for i in (0, 3)]
     nw = parts[0][2]
     hess = 0.5 * (parts[0][1] + parts[1][1])
     _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
     expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
     opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
     assert opts.micro_batches == 2
-    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    got = estimate(structure, [(x, y)], CE, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, parts[0][4]), expected) <= 1e-8
-    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(
-        score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1)).scores
+    whole = estimate(
+        structure,
+        [(x, y)],
+        CE,
+        EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1),
+    ).scores
     assert not all(torch.allclose(whole[k], got[k]) for k in got)  # the split really changes BN
 
 
 def test_micro_batches_never_leave_a_single_sample_for_batch_norm() -> None:
     # BatchNorm1d cannot normalise one sample in training mode: a batch of 3 is not split.
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
-                                torch.nn.Linear(6, 3)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3)
+    ).double()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
     structure = ChannelStructure.build(model, x[:2])
     opts = dict(score="paper", probes="ones", inverse="cg", cg_iters=3, weight_decay=LAM)
-    split = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(**opts)).scores
-    whole = estimate(structure, [(x, y)], F.cross_entropy, EstimatorOptions(micro_batches=1, **opts)).scores
+    split = estimate(structure, [(x, y)], CE, EstimatorOptions(**opts)).scores
+    whole = estimate(structure, [(x, y)], CE, EstimatorOptions(micro_batches=1, **opts)).scores
     assert all(torch.equal(split[k], whole[k]) for k in whole)
 
 
@@ -233,10 +249,10 @@ def test_bad_options_are_refused(kwargs, match) -> None:
 def test_sync_batchnorm_is_estimated_per_rank_and_kept() -> None:
     model, structure, x, y = tiny_setup()
     opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
-    reference = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    reference = estimate(structure, [(x, y)], CE, opts).scores
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     structure = type(structure).build(synced, x[:2])
-    got = estimate(structure, [(x, y)], F.cross_entropy, opts).scores
+    got = estimate(structure, [(x, y)], CE, opts).scores
     assert all(torch.allclose(got[k], reference[k], rtol=1e-12, atol=0) for k in got)
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 2
     prune_channels(structure, {"conv1": [0]})  # surgery keeps the synchronised layers

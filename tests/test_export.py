@@ -34,7 +34,7 @@ def pruned_small_cnn() -> tuple[nn.Module, torch.Tensor, list]:
         net(x)  # running statistics away from their defaults
     history = []
     for plan in ({"features.0": [1, 5], "features.8": [0, 7, 30]}, {"features.4": [2, 3, 11]}):
-        applied = prune_channels(ChannelStructure.build(net, x[:1]), plan)
+        applied = prune_channels(ChannelStructure.build(net, x[:1]), plan).plan
         history.append(plan_to_history_step(applied))
     return net.eval(), x, history
 
@@ -43,8 +43,16 @@ def pruned_small_cnn() -> tuple[nn.Module, torch.Tensor, list]:
 def test_export_and_load_back(tmp_path: Path) -> None:
     net, x, history = pruned_small_cnn()
     expected = net(x)
-    paths = export_pruned(net, tmp_path, example_input=x[:1], history=history, model="small_cnn",
-                          num_classes=10, in_channels=1, model_kwargs={"widths": WIDTHS})
+    paths = export_pruned(
+        net,
+        tmp_path,
+        example_input=x[:1],
+        history=history,
+        model="small_cnn",
+        num_classes=10,
+        in_channels=1,
+        model_kwargs={"widths": WIDTHS},
+    )
     assert paths == {"state": tmp_path / STATE_FILE, "torchscript": tmp_path / SCRIPT_FILE}
     assert not net.training  # left as it was
 
@@ -77,8 +85,16 @@ def test_unpruned_export_and_state_only(tmp_path: Path) -> None:
     torch.manual_seed(1)
     net = build_model("small_cnn", num_classes=4, in_channels=1, widths=[4, 4, 4]).train()
     x = torch.randn(2, 1, 16, 16)
-    paths = export_pruned(net, tmp_path, example_input=x, model="small_cnn", num_classes=4,
-                          in_channels=1, model_kwargs={"widths": [4, 4, 4]}, torchscript=False)
+    paths = export_pruned(
+        net,
+        tmp_path,
+        example_input=x,
+        model="small_cnn",
+        num_classes=4,
+        in_channels=1,
+        model_kwargs={"widths": [4, 4, 4]},
+        torchscript=False,
+    )
     assert set(paths) == {"state"} and not (tmp_path / SCRIPT_FILE).exists()
     assert net.training
     again = load_exported(tmp_path)

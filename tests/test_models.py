@@ -68,9 +68,7 @@ def test_cifar_resnet_counts_match_formula(depth: int, num_classes: int) -> None
 
 def test_cifar_resnet_projection_shortcuts_only_where_shape_changes() -> None:
     model = resnet32()
-    one_by_one = [
-        m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-    ]
+    one_by_one = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     assert [(m.in_channels, m.out_channels, m.stride) for m in one_by_one] == [
         (16, 32, (2, 2)),
         (32, 64, (2, 2)),

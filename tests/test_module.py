@@ -85,9 +85,7 @@ def test_accuracy_is_plain_top1_fraction() -> None:
 
 
 def test_scheduler_steps_once_per_epoch(tmp_path: Path) -> None:
-    module = tiny_module(
-        scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
-    )
+    module = tiny_module(scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
     trainer = tiny_trainer(tmp_path, epochs=3)
     trainer.fit(module, datamodule=tiny_data())
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)

@@ -12,19 +12,32 @@ from lightning_ifprune.report import aggregate, load_summaries, main, markdown_t
 
 def fake_summary(prune: str, target: float | None, seed: int, acc_after: float, kept: float) -> dict:
     return {
-        "model": "small_cnn", "data": "digits", "prune": prune, "criterion": None if prune == "none" else prune,
-        "target": target, "target_resource": None if target is None else "flops", "seed": seed,
-        "test_acc_before": 0.99, "test_acc_pruned": None if prune == "none" else acc_after - 0.2,
-        "test_acc_after": acc_after, "test_acc": acc_after,
-        "flops_before": 1000, "flops_after": int(1000 * kept), "params_before": 100, "params_after": 60,
-        "wall_prune_s": 1.5, "wall_s": 10.0,
+        "model": "small_cnn",
+        "data": "digits",
+        "prune": prune,
+        "criterion": None if prune == "none" else prune,
+        "target": target,
+        "target_resource": None if target is None else "flops",
+        "seed": seed,
+        "test_acc_before": 0.99,
+        "test_acc_pruned": None if prune == "none" else acc_after - 0.2,
+        "test_acc_after": acc_after,
+        "flops_before": 1000,
+        "flops_after": int(1000 * kept),
+        "params_before": 100,
+        "params_after": 60,
+        "wall_prune_s": 1.5,
+        "wall_s": 10.0,
     }
 
 
 def write_sweep(root: Path) -> None:
     runs = [("none", None, 1.0, [0.99, 0.985, 0.995])]
-    runs += [(m, t, t - 0.01, [a - (1 - t) * 0.05 + d for d in (0.0, 0.01, -0.01)])
-             for m, a in (("influence", 0.99), ("magnitude", 0.97)) for t in (0.5, 0.3)]
+    runs += [
+        (m, t, t - 0.01, [a - (1 - t) * 0.05 + d for d in (0.0, 0.01, -0.01)])
+        for m, a in (("influence", 0.99), ("magnitude", 0.97))
+        for t in (0.5, 0.3)
+    ]
     num = 0
     for prune, target, kept, accs in runs:
         for seed, acc in enumerate(accs):
@@ -42,7 +55,11 @@ def test_aggregate_groups_seeds(tmp_path: Path) -> None:
     assert len(summaries) == 15  # the broken file is skipped
     rows = aggregate(summaries)
     assert [(r.method, r.target) for r in rows] == [
-        ("none", 1.0), ("influence", 0.5), ("magnitude", 0.5), ("influence", 0.3), ("magnitude", 0.3),
+        ("none", 1.0),
+        ("influence", 0.5),
+        ("magnitude", 0.5),
+        ("influence", 0.3),
+        ("magnitude", 0.3),
     ]
     inf = rows[1]
     assert len(inf.seeds) == 3 and inf.acc_after.n == 3
@@ -57,8 +74,10 @@ def test_aggregate_groups_seeds(tmp_path: Path) -> None:
     assert lines[0].startswith("| method | target | runs | FLOPs kept")
     assert "acc pruned, no FT %" in lines[0]
     assert len(lines) == 2 + len(rows)
-    assert ("| influence | 0.5 | 3 | 0.490 ± 0.000 | 0.600 ± 0.000 | 99.00 ± 0.00 | 76.50 ± 1.00 | 96.50 ± 1.00 "
-            "| -2.50 ± 1.00 | 1.5 ± 0.0 |") in table
+    assert (
+        "| influence | 0.5 | 3 | 0.490 ± 0.000 | 0.600 ± 0.000 | 99.00 ± 0.00 | 76.50 ± 1.00 | 96.50 ± 1.00 "
+        "| -2.50 ± 1.00 | 1.5 ± 0.0 |"
+    ) in table
 
 
 def test_report_command_writes_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

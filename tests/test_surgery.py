@@ -15,25 +15,11 @@ from lightning_ifprune.selection import baseline_of, select_channels
 from lightning_ifprune.structure import ChannelStructure
 from lightning_ifprune.surgery import (
     PruningPlanError,
-    plan_to_history_step,
     prune_channels,
     replay_history,
 )
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return state, [(n, repr(m)) for n, m in model.named_modules()]
-
-
-def _assert_unchanged(model: nn.Module, snap) -> None:
-    state, arch = snap
-    now = model.state_dict()
-    assert set(now) == set(state)
-    assert all(now[k].shape == v.shape and torch.equal(now[k], v) for k, v in state.items())
-    assert [(n, repr(m)) for n, m in model.named_modules()] == arch
 
 
 @pytest.fixture
@@ -56,17 +42,17 @@ def resnet() -> tuple[nn.Module, ChannelStructure]:
         ({"layer1.0.conv1": [0], "layer2.0.conv1": [99]}, "'layer2.0.conv1'.*out of range"),
     ],
 )
-def test_bad_plans_raise_and_change_nothing(resnet, plan, match) -> None:
+def test_bad_plans_raise_and_change_nothing(resnet, plan, match, state_snapshot) -> None:
     model, structure = resnet
-    snap = _snapshot(model)
+    snap = state_snapshot(model)
     with pytest.raises(PruningPlanError, match=match):
         prune_channels(structure, plan)
-    _assert_unchanged(model, snap)
+    snap.assert_unchanged()
 
 
-def test_failure_during_surgery_rolls_back(resnet, monkeypatch) -> None:
+def test_failure_during_surgery_rolls_back(resnet, monkeypatch, state_snapshot) -> None:
     model, structure = resnet
-    snap = _snapshot(model)
+    snap = state_snapshot(model)
     ids = {n: id(p) for n, p in model.named_parameters()}
     calls = {"n": 0}
     original = structure.graph.get_pruning_group
@@ -80,7 +66,7 @@ def test_failure_during_surgery_rolls_back(resnet, monkeypatch) -> None:
     monkeypatch.setattr(structure.graph, "get_pruning_group", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         prune_channels(structure, {"layer1.0.conv1": [0, 1], "layer2.0.conv1": [3]})
-    _assert_unchanged(model, snap)
+    snap.assert_unchanged()
     assert {n: id(p) for n, p in model.named_parameters()} == ids
     model.eval()
     model(X)  # still a working network
@@ -108,7 +94,7 @@ def test_history_is_plain_data_and_replays_to_identical_outputs(resnet) -> None:
         for name, group in structure.groups.items():
             k = int(torch.randint(0, group.size - group.min_keep + 1, (1,), generator=gen))
             plan[name] = torch.randperm(group.size, generator=gen)[:k].tolist()
-        history.append(plan_to_history_step(prune_channels(structure, plan)))
+        history.append(prune_channels(structure, plan).history_step)
         structure = ChannelStructure.build(model, X[:1], min_channels=2)
     buf = io.BytesIO()
     torch.save({"history": history, "state_dict": model.state_dict()}, buf)
@@ -158,11 +144,11 @@ def test_prune_to_target_other_resources(resource: str) -> None:
         assert sum(report.channels_after.values()) <= 0.6 * sum(report.channels_before.values())
 
 
-def test_unreachable_target_and_bad_scores_change_nothing() -> None:
+def test_unreachable_target_and_bad_scores_change_nothing(state_snapshot) -> None:
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=10, in_channels=1)
     x = torch.randn(1, 1, 16, 16)
-    snap = _snapshot(model)
+    snap = state_snapshot(model)
     scores = lip.score_channels(model, criterion="magnitude", example_inputs=x)
     with pytest.raises(ValueError, match="unreachable"):
         lip.prune_to_target(model, scores, flops=0.01, min_channels=0.5)
@@ -174,7 +160,7 @@ def test_unreachable_target_and_bad_scores_change_nothing() -> None:
         lip.prune_to_target(model, scores, flops=0.5, params=0.5)
     with pytest.raises(ValueError, match="normalize"):
         lip.prune_to_target(model, scores, flops=0.5, normalize="log")
-    _assert_unchanged(model, snap)
+    snap.assert_unchanged()
 
 
 def test_channels_without_signal_are_removed_without_changing_outputs() -> None:

@@ -14,8 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {
     "model", "data", "prune", "criterion", "target", "seed",
-    "test_acc_before", "test_acc_after", "test_acc", "flops_before", "flops_after", "flops",
-    "params_before", "params_after", "params", "channels_before", "channels_after",
+    "test_acc_before", "test_acc_after", "flops_before", "flops_after",
+    "params_before", "params_after", "channels_before", "channels_after",
     "wall_pretrain_s", "wall_prune_s", "wall_finetune_s", "wall_s",
     "latency_before_ms", "latency_after_ms", "latency_batch_size", "latency_device",
 }  # fmt: skip
@@ -34,16 +34,21 @@ TINY = [
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 def test_prune_influence_writes_a_complete_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run("train.py", "prune=influence", *TINY, "+prune.estimator.num_probes=2", "prune.target_flops=0.6",
-               f"hydra.run.dir={run_dir}")
+    proc = run(
+        "train.py",
+        "prune=influence",
+        *TINY,
+        "+prune.criterion.num_probes=2",
+        "prune.target_flops=0.6",
+        f"hydra.run.dir={run_dir}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) >= REQUIRED
@@ -54,11 +59,9 @@ def test_prune_influence_writes_a_complete_run(tmp_path: Path) -> None:
     # SmallCNN (16, 32, 64) on 1x16x16 digits: 24,058 parameters before pruning.
     assert summary["params_before"] == summary["dense_params"] == 24_058
     assert summary["flops_after"] <= 0.6 * summary["flops_before"] and summary["target_met"]
-    assert summary["flops"] == summary["flops_after"] and summary["params"] == summary["params_after"]
     assert summary["params_after"] < summary["params_before"]
     assert summary["channels_before"] == {"features.0": 16, "features.4": 32, "features.8": 64}
     assert sum(summary["channels_after"].values()) < 112
-    assert summary["test_acc"] == summary["test_acc_after"]
     for key in ("test_acc_before", "test_acc_after", "test_acc_pruned"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["prune_rounds"] == 2 and summary["epochs"] == 3
@@ -96,8 +99,14 @@ def test_unknown_prune_option_lists_options(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_multirun_and_report(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run("train.py", "-m", "prune=magnitude,fisher", *TINY, "export.torchscript=false",
-               f"hydra.sweep.dir={sweep}")
+    proc = run(
+        "train.py",
+        "-m",
+        "prune=magnitude,fisher",
+        *TINY,
+        "export.torchscript=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(2)]
     assert [s["prune"] for s in summaries] == ["magnitude", "fisher"]

@@ -100,9 +100,7 @@ class _CIFARDataModule(ImageDataModule):
             raise self._not_found(f"files under {self.dataset_dir} are corrupt ({err})") from None
         val_idx, train_idx = seeded_split(len(full_train), self.val_size, self.seed)
         self.train_set = TransformSubset(full_train, train_idx, augmented)
-        self.val_set = (
-            TransformSubset(full_train, val_idx, plain) if self.val_size > 0 else self.test_set
-        )
+        self.val_set = TransformSubset(full_train, val_idx, plain) if self.val_size > 0 else self.test_set
 
 
 class CIFAR10DataModule(_CIFARDataModule):

@@ -21,9 +21,7 @@ class ShiftAugmentedTensorDataset(Dataset):
     i.e. a uniform translation in ``[-max_shift, max_shift]`` along each axis.
     """
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0, fill: float = 0.0
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0, fill: float = 0.0) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images

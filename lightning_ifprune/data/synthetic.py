@@ -47,17 +47,13 @@ class SyntheticDataModule(ImageDataModule):
             return
         gen = torch.Generator().manual_seed(self.seed)
         channels, height, width = self.input_shape
-        coarse = torch.randn(
-            self.num_classes, channels, max(height // 4, 1), max(width // 4, 1), generator=gen
-        )
+        coarse = torch.randn(self.num_classes, channels, max(height // 4, 1), max(width // 4, 1), generator=gen)
         templates = F.interpolate(coarse, size=(height, width), mode="bilinear")
         templates = templates / templates.flatten(1).std(dim=1).clamp_min(1e-6)[:, None, None, None]
 
         def draw(n: int) -> TensorDataset:
             labels = torch.randint(self.num_classes, (n,), generator=gen)
-            images = templates[labels] + self.noise * torch.randn(
-                n, *self.input_shape, generator=gen
-            )
+            images = templates[labels] + self.noise * torch.randn(n, *self.input_shape, generator=gen)
             return TensorDataset(images, labels)
 
         self.train_set = draw(self.num_samples)

@@ -44,8 +44,6 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
         return ZOO[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     if name in torchvision_model_names():
         if in_channels != 3:
-            raise ValueError(
-                f"torchvision model {name!r} takes 3 input channels, the data has {in_channels}"
-            )
+            raise ValueError(f"torchvision model {name!r} takes 3 input channels, the data has {in_channels}")
         return tv_models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")

@@ -1,0 +1,104 @@
+"""What the pruning callback needs from a running ``Trainer``: batches, ranks, DDP, logs.
+
+Kept apart so that :mod:`lightning_ifprune.callback` reads as the orchestration it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_ifprune.batch import Batch
+from lightning_ifprune.selection import Baseline
+from lightning_ifprune.structure import ChannelStructure
+
+
+def training_loader(trainer: Trainer) -> Iterable:
+    """The (first) training dataloader, set up if the fit loop has not done so yet."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()))
+    elif isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    return loader
+
+
+def draw_batches(trainer: Trainer, pl_module: LightningModule | None, count: int) -> list[Batch]:
+    """``count`` fresh training batches, moved to ``pl_module``'s device (when given) by
+    Lightning's own ``transfer_batch_to_device``; the global RNG is left as it was."""
+    on_cuda = pl_module is not None and pl_module.device.type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_cuda else []):
+        batches = list(islice(iter(training_loader(trainer)), count))
+    if not batches:
+        raise ValueError("InfluencePruningCallback: the training dataloader is empty")
+    if pl_module is not None:
+        batches = [pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in batches]
+    return batches
+
+
+def optimizer_weight_decay(trainer: Trainer) -> float:
+    """The first optimizer param group's weight decay (0 without optimizers)."""
+    decays = [g.get("weight_decay", 0.0) for o in trainer.optimizers for g in o.param_groups]
+    return float(decays[0]) if decays else 0.0
+
+
+def agree(trainer: Trainer, scores: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The scores averaged over ranks (the same on every rank), on CPU in float64."""
+    flat = torch.cat([s.double().flatten() for s in scores.values()]).to(device)
+    if trainer.world_size > 1:
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+    out, i = {}, 0
+    for name, s in scores.items():
+        out[name] = flat[i : i + s.numel()].cpu()
+        i += s.numel()
+    return out
+
+
+def rewrap_ddp(trainer: Trainer) -> None:
+    """Wrap the pruned module in a fresh ``DistributedDataParallel`` (its buckets know the
+    old parameters)."""
+    if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+        trainer.strategy.model = trainer.strategy._setup_model(trainer.strategy.model.module)
+        trainer.strategy._register_ddp_hooks()
+
+
+def round_metrics(
+    structure: ChannelStructure,
+    removed: Mapping[str, int],
+    scores: Mapping[str, torch.Tensor],
+    baseline: Baseline,
+    elapsed: float,
+) -> dict[str, float]:
+    """The ``prune/*`` metrics of a round: the model after it (from the pre-round structure's
+    exact cost model), relative to ``baseline``, and the spread of the scores."""
+    flops, params = structure.cost(removed)
+    widths = {n: w - removed.get(n, 0) for n, w in structure.widths().items()}
+    flat = torch.cat(list(scores.values())).double()
+    metrics = {
+        "prune/flops": float(flops),
+        "prune/params": float(params),
+        "prune/flops_kept": flops / baseline.flops,
+        "prune/params_kept": params / baseline.params,
+        "prune/channels": float(sum(widths.values())),
+        "prune/round_s": elapsed,
+        "prune/score_mean": float(flat.mean()),
+        "prune/score_std": float(flat.std()) if flat.numel() > 1 else 0.0,
+        "prune/score_min": float(flat.min()),
+        "prune/score_max": float(flat.max()),
+    }
+    metrics.update({f"prune/width/{n}": float(w) for n, w in widths.items()})
+    return metrics
+
+
+def log_metrics(trainer: Trainer, metrics: Mapping[str, Any]) -> None:
+    """Send ``metrics`` to every logger at the current global step."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=trainer.global_step)

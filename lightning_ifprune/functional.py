@@ -1,0 +1,70 @@
+"""The functional API: score, select and remove in one call, without Lightning.
+
+``scores = score_channels(model, batches, loss_fn=F.cross_entropy)`` then
+``prune_to_target(model, scores, flops=0.5)``; see README "Functional API".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_ifprune.selection import Baseline, parse_target, select_channels
+from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
+from lightning_ifprune.surgery import prune_channels
+
+
+@dataclass
+class PruneReport:
+    """What one call of :func:`prune_to_target` did."""
+
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    channels_before: dict[str, int]
+    channels_after: dict[str, int]
+    plan: dict[str, list[int]]
+
+
+def prune_to_target(
+    model: nn.Module,
+    scores: Mapping[str, torch.Tensor],
+    flops: float | None = None,
+    params: float | None = None,
+    channels: float | None = None,
+    normalize: str = "sqrt",
+    *,
+    example_inputs: torch.Tensor | None = None,
+    ignored_layers: Iterable[str | nn.Module] = (),
+    min_channels: int | float = 1,
+    baseline: Baseline | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place to at most the given fraction of its FLOPs, params or channels.
+
+    ``scores`` maps group names to per-channel scores (lower = prune first), e.g. from
+    :func:`lightning_ifprune.score_channels`, whose result also carries the example inputs.
+    Fractions refer to ``baseline`` (default: the model as it is now). Nothing changes if
+    the target is unreachable or the scores are malformed.
+    """
+    resource, fraction = parse_target(flops, params, channels)
+    if example_inputs is None:
+        example_inputs = getattr(scores, "example_inputs", None)
+    if example_inputs is None:
+        raise ValueError("prune_to_target needs example_inputs= (or scores from score_channels)")
+    structure = ChannelStructure.build(
+        model,
+        validate_example_inputs(example_inputs),
+        ignored_layers=ignored_layers,
+        min_channels=min_channels,
+    )
+    plan = select_channels(structure, scores, resource, fraction, normalize, baseline)
+    flops_before, params_before = structure.cost()
+    before = structure.widths()
+    result = prune_channels(structure, plan)
+    flops_after, params_after = structure.cost(result.removed)
+    after = {n: w - result.removed.get(n, 0) for n, w in before.items()}
+    return PruneReport(flops_before, flops_after, params_before, params_after, before, after, result.plan)

@@ -1,0 +1,37 @@
+"""Channel structure: the coupled channel groups of a network, their masks and their costs.
+
+A *group* is one set of channels that must be removed together (spec §1): the output rows of
+its producer Conv/Linear layers, the matching BatchNorm entries, and the input columns of
+every layer that consumes them, residual partners included. The coupling is read from
+Torch-Pruning's ``DependencyGraph`` (:mod:`.groups`); naming, masks (:mod:`.masks`), the
+exact cost model (:mod:`.cost`) and which structures are refused are ours.
+
+Works on any ``nn.Module``; nothing here needs Lightning.
+"""
+
+from lightning_ifprune.structure.channels import ChannelStructure
+from lightning_ifprune.structure.groups import ChannelGroup, ConsumerSlot, UnsupportedModelError
+from lightning_ifprune.structure.masks import MaskSpace, MaskVec, channel_masks
+from lightning_ifprune.structure.ops import (
+    CONV_TYPES,
+    NORM_TYPES,
+    PER_CHANNEL_TYPES,
+    WEIGHTED_TYPES,
+)
+from lightning_ifprune.structure.tracing import resolve_min_keep, validate_example_inputs
+
+__all__ = [
+    "CONV_TYPES",
+    "NORM_TYPES",
+    "PER_CHANNEL_TYPES",
+    "WEIGHTED_TYPES",
+    "ChannelGroup",
+    "ChannelStructure",
+    "ConsumerSlot",
+    "MaskSpace",
+    "MaskVec",
+    "UnsupportedModelError",
+    "channel_masks",
+    "resolve_min_keep",
+    "validate_example_inputs",
+]

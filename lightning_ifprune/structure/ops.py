@@ -1,0 +1,72 @@
+"""Which layers and autograd ops the channel structure recognises, and what they do to channels.
+
+Public type tuples (``CONV_TYPES``, ``NORM_TYPES``, …) are shared by the estimator, the
+criteria and the surgery, so every stage agrees on what a convolution or a norm is.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHTED_TYPES = (*CONV_TYPES, nn.Linear)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: Per-channel layers sliced with their channel (norms, and PReLU with one slope per channel).
+PER_CHANNEL_TYPES = (*NORM_TYPES, nn.PReLU)
+#: Layers with parameters whose channels we can remove (all others are refused inside a group).
+SUPPORTED_TYPES = (*WEIGHTED_TYPES, *PER_CHANNEL_TYPES)
+
+# Autograd ops that keep the channel axis as it is (Torch-Pruning treats every op it does not
+# know as such; we only accept the ones that really are). Names without "Backward<N>".
+CHANNEL_PRESERVING_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Clone", "ToCopy", "Alias", "Detach",
+    "Relu", "Relu6", "Hardtanh", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Silu", "Mish",
+    "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Softplus", "Threshold",
+    "Clamp", "ClampMin", "ClampMax", "NativeDropout", "Dropout", "Squeeze", "Unsqueeze",
+    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
+    "AvgPool1D", "AvgPool2D", "AvgPool3D",
+    "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+    "UpsampleNearest1D", "UpsampleNearest2D", "UpsampleNearest3D",
+    "UpsampleBilinear2D", "UpsampleBicubic2D",
+})  # fmt: skip
+#: Ops that keep channels only when they do not act on the channel axis (dim 1).
+AXIS_OPS = frozenset({"Mean", "Sum", "ConstantPadNd", "Amax", "Amin"})
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution with one group per channel (its input and output channels are coupled)."""
+    return (
+        isinstance(module, CONV_TYPES)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def op_name(grad_fn: object) -> str:
+    """An autograd node's op name without its ``Backward<N>`` suffix."""
+    name = grad_fn.name() if hasattr(grad_fn, "name") else "Unknown"
+    return re.sub(r"Backward\d*$", "", name)
+
+
+def acts_on_channels(grad_fn: object, name: str) -> bool:
+    """Whether a reduction/pad op touches the channel axis (dim 1)."""
+    if name == "ConstantPadNd":
+        pad = list(getattr(grad_fn, "_saved_pad", ()))
+        ndim = len(getattr(grad_fn, "_saved_self_sym_sizes", ())) or 4
+        channel_pad = pad[2 * (ndim - 2) : 2 * (ndim - 1)]  # pads are listed last dim first
+        return any(int(p) != 0 for p in channel_pad)
+    dims = getattr(grad_fn, "_saved_dim", None)
+    if dims is None:
+        return True  # full reduction
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    ndim = len(getattr(grad_fn, "_saved_self_sym_sizes", ())) or 4
+    return any(int(d) % ndim == 1 for d in dims)
+
+
+def keeps_channels(grad_fn: object) -> bool:
+    """Whether an element-wise node of the graph leaves the channel axis as it is."""
+    name = op_name(grad_fn)
+    return name in CHANNEL_PRESERVING_OPS or (name in AXIS_OPS and not acts_on_channels(grad_fn, name))
