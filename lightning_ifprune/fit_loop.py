@@ -35,8 +35,9 @@ def draw_batches(trainer: Trainer, pl_module: LightningModule | None, count: int
     """``count`` fresh training batches, moved to ``pl_module``'s device (when given) by
     Lightning's own ``transfer_batch_to_device``; the global RNG is left as it was."""
     on_cuda = pl_module is not None and pl_module.device.type == "cuda"
+    loader = training_loader(trainer)  # outside the fork: setting the data up draws as it would in fit
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_cuda else []):
-        batches = list(islice(iter(training_loader(trainer)), count))
+        batches = list(islice(iter(loader), count))
     if not batches:
         raise ValueError("InfluencePruningCallback: the training dataloader is empty")
     if pl_module is not None:

@@ -297,3 +297,21 @@ def test_identity_inverse_needs_weight_decay(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="needs the optimizer's weight_decay > 0"):
         _trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+
+
+def test_tracing_from_a_training_batch_leaves_the_training_rng_alone(tmp_path: Path) -> None:
+    """Without example_input the callback traces with a sample of a training batch. Drawing it
+    must not move the global RNG, which shuffles the epochs: the run equals one given the
+    example (a data-free criterion, so only the shuffling could differ)."""
+    x, y = loader(256).dataset.tensors
+    states = []
+    for example in (None, EXAMPLE):
+        L.seed_everything(0)
+        module = classifier()
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
+        pruner = lip.InfluencePruningCallback(0.6, start_epoch=1, criterion="magnitude", example_input=example)
+        _trainer(tmp_path, 2, [pruner]).fit(module, data)
+        states.append(module.state_dict())
+    assert list(states[0]) == list(states[1])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

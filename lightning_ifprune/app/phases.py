@@ -66,12 +66,14 @@ def run_phase(
     epochs: int,
     callbacks: list[pl.Callback],
     *,
-    seed: int,
+    seed: int | None,
     optimization: str | None,
 ) -> PhaseRun:
-    """Fit ``module`` for ``epochs`` epochs as phase ``phase`` (seeded with ``seed``), with the
-    optimizer and schedule of ``cfg.<optimization>`` (else ``cfg.model``)."""
-    pl.seed_everything(seed, workers=True, verbose=False)
+    """Fit ``module`` for ``epochs`` epochs as phase ``phase`` (seeded with ``seed``; None goes
+    on with the current RNG state), with the optimizer and schedule of ``cfg.<optimization>``
+    (else ``cfg.model``)."""
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
     trainer = make_trainer(cfg, phase, epochs, callbacks)
     set_phase_optimization(module, cfg, optimization, epochs)
     start = time.perf_counter()
@@ -152,7 +154,8 @@ def pretrain(
         module.load_state_dict(stored["state_dict"])
         pl.utilities.rank_zero_info(f"[ifprune] pre-trained weights from the cache {cache}")
         return PhaseRun(None, float(stored["wall_s"]), int(stored["epochs"])), True
-    run = run_phase(cfg, module, dm, "pretrain", epochs, callbacks, seed=cfg.seed, optimization="pretrain")
+    # The run's seed_everything(cfg.seed) before the module was built seeds this phase too.
+    run = run_phase(cfg, module, dm, "pretrain", epochs, callbacks, seed=None, optimization="pretrain")
     assert run.trainer is not None
     if cfg.pretrain.save_checkpoint:
         run.trainer.save_checkpoint(out_dir / "pretrained.ckpt")
