@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train test lint bench clean
+.PHONY: venv train test lint bench clean fmnist
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/estimator_cost.py
 	$(PY) benchmarks/fidelity.py
+
+# Fashion-MNIST idx files into /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist).
+fmnist:
+	@if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	set -e; $$SUDO apt-get update; $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

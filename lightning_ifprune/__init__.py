@@ -5,7 +5,13 @@ surgery → callback → app. Everything before the callback works on any ``nn.M
 """
 
 from lightning_ifprune.callback import InfluencePruningCallback
-from lightning_ifprune.checkpoint import CHECKPOINT_KEY, PrunableMixin, load_pruned_checkpoint
+from lightning_ifprune.checkpoint import (
+    CHECKPOINT_KEY,
+    CheckpointError,
+    PrunableMixin,
+    load_pruned_checkpoint,
+    read_checkpoint,
+)
 from lightning_ifprune.criteria import (
     CRITERIA,
     BNScale,
@@ -41,6 +47,7 @@ __all__ = [
     "Baseline",
     "ChannelScores",
     "ChannelStructure",
+    "CheckpointError",
     "Criterion",
     "EstimatorOptions",
     "Fisher",
@@ -61,6 +68,7 @@ __all__ = [
     "load_pruned_checkpoint",
     "prune_channels",
     "prune_to_target",
+    "read_checkpoint",
     "repoint_optimizer",
     "replay_history",
     "score_channels",

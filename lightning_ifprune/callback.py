@@ -17,14 +17,12 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from tqdm.auto import tqdm
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_ifprune.batch import Batch, first_sample
+from lightning_ifprune.batch import to_compute
 from lightning_ifprune.checkpoint import (
-    pruning_state,
-    record_pruning,
+    recorded_history,
     restore_on_load,
     save_pruning_state,
 )
@@ -32,6 +30,7 @@ from lightning_ifprune.criteria import (
     Criterion,
     CriterionFn,
     criterion_name,
+    for_optimizer,
     needs_data,
     resolve_criterion,
     score_structure,
@@ -43,8 +42,10 @@ from lightning_ifprune.fit_loop import (
     optimizer_weight_decay,
     rewrap_ddp,
     round_metrics,
+    scoring_progress,
+    trace_example,
 )
-from lightning_ifprune.loss import LossClosure, OutputsTargetsLoss, inputs_and_targets, resolve_loss
+from lightning_ifprune.loss import LossClosure, OutputsTargetsLoss, resolve_loss
 from lightning_ifprune.optim import repoint_optimizer
 from lightning_ifprune.schedule import PruningSchedule, check_int
 from lightning_ifprune.selection import (
@@ -52,8 +53,8 @@ from lightning_ifprune.selection import (
     Baseline,
     baseline_of,
     check_reachable,
+    kept_fraction,
     parse_target,
-    resource_size,
     select_channels,
 )
 from lightning_ifprune.structure import ChannelStructure, resolve_min_keep
@@ -135,7 +136,6 @@ class InfluencePruningCallback(Callback):
             resource=self.resource, target=self.target, criterion=criterion_name(self.criterion)
         )
 
-    # ------------------------------------------------------------------ lightning hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -153,18 +153,30 @@ class InfluencePruningCallback(Callback):
         if not structure.groups:
             raise ValueError("InfluencePruningCallback: the model has no prunable channel group")
         if self.baseline is None:
-            if pruning_state(pl_module)["history"]:
+            if recorded_history(pl_module)[0]:
                 raise ValueError("the module is already pruned; resume from its checkpoint instead")
             self.baseline = baseline_of(structure)
             self.original_sizes = structure.widths()
             structure = self._structure(pl_module, example)  # min_channels of the original widths
         hint = f" (min_channels={self.min_channels!r}, ignored_layers={list(self.ignored_layers)})"
         check_reachable(structure, self.resource, self.target, self.baseline, hint)
-        self._scorer = (
-            self.criterion.for_optimizer(optimizer_weight_decay(trainer))
-            if isinstance(self.criterion, Criterion)
-            else self.criterion
-        )
+        self._scorer = for_optimizer(self.criterion, optimizer_weight_decay(trainer))
+        overrun = None if self.finished else self.schedule.overrun(trainer.max_epochs)
+        if overrun:
+            rank_zero_warn(f"InfluencePruningCallback: {overrun}; the target will not be reached")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.finished or self.baseline is None:
+            return
+        structure = self._structure(pl_module, self._example(trainer, pl_module))
+        kept = kept_fraction(structure, self.resource, self.baseline)
+        self.finished = kept <= self.target
+        if not self.finished:
+            rank_zero_warn(
+                f"InfluencePruningCallback: the target {self.resource}={self.target:g} was not reached by the end "
+                f"of fit: the model keeps {kept:.3f} of its {self.resource} after {self.rounds_done} round(s)"
+            )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -196,17 +208,39 @@ class InfluencePruningCallback(Callback):
             "finished": self.finished,
             "baseline": None if self.baseline is None else vars(self.baseline).copy(),
             "original_sizes": dict(self.original_sizes),
+            "config": self._config(),
         }
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A changed target or criterion changes the state key: adopt the one pruner state saved.
+        states = checkpoint.get("callbacks") or {}
+        saved = [k for k in states if isinstance(k, str) and k.startswith(type(self).__qualname__)]
+        if self.state_key not in states and len(saved) == 1:
+            self.load_state_dict(states[saved[0]])
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rounds_done = int(state_dict["rounds_done"])
-        self.finished = bool(state_dict["finished"])
         base = state_dict.get("baseline")
         self.baseline = None if base is None else Baseline(**base)
         self.original_sizes = dict(state_dict.get("original_sizes", {}))
+        old, new = state_dict.get("config", {}), self._config()
+        changed = [f"{k} {old[k]!r} → {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+        self.finished = bool(state_dict["finished"]) and not changed
+        if changed:
+            if not self.schedule.progressive:  # at least the last round of the new schedule is still to run
+                self.rounds_done = min(self.rounds_done, self.schedule.rounds - 1)
+            rank_zero_warn(
+                f"InfluencePruningCallback: resuming {self.resource}={self.target:g} with a changed configuration "
+                f"({', '.join(changed)}); the new values apply from here on, after {state_dict['rounds_done']} round(s) done"
+            )
 
-    # ------------------------------------------------------------------ one round
+    def _config(self) -> dict[str, Any]:
+        """What a checkpoint remembers of the configuration, to tell a resume that changed it."""
+        return dict(resource=self.resource, target=self.target, criterion=criterion_name(self.criterion),
+                    **vars(self.schedule))  # fmt: skip
+
     def _round(
         self,
         trainer: Trainer,
@@ -218,17 +252,11 @@ class InfluencePruningCallback(Callback):
         start = time.perf_counter()
         example = self._example(trainer, pl_module)
         structure = self._structure(pl_module, example)
-        if resource_size(structure, self.resource, {}) <= self.target * getattr(self.baseline, self.resource):
+        if kept_fraction(structure, self.resource, self.baseline) <= self.target:
             self.finished = True
             return SurgeryResult()
         batches = draw_batches(trainer, pl_module, self.num_batches) if needs_data(self._scorer) else []
-        shown = tqdm(
-            batches,
-            desc="[ifprune] scoring",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not (self.verbose and trainer.is_global_zero and len(batches) > 1),
-        )
+        shown = scoring_progress(trainer, batches, self.verbose)
         scores = agree(trainer, score_structure(structure, shown, self.loss, self._scorer), pl_module.device)
         if not all(torch.isfinite(s).all() for s in scores.values()):
             rank_zero_warn(
@@ -247,8 +275,7 @@ class InfluencePruningCallback(Callback):
         plan = trainer.strategy.broadcast(plan, src=0)
         if not plan:
             return SurgeryResult()
-        result = prune_channels(structure, plan)
-        record_pruning(pl_module, result.history_step, example)
+        result = prune_channels(structure, plan)  # records the step on pl_module
         for optimizer in trainer.optimizers:
             repoint_optimizer(optimizer, result)
         if isinstance(trainer.strategy, DDPStrategy):
@@ -256,35 +283,15 @@ class InfluencePruningCallback(Callback):
         elapsed = time.perf_counter() - start
         self.round_times.append(elapsed)
         metrics = round_metrics(structure, result.removed, scores, self.baseline, elapsed)
-        log_metrics(trainer, metrics)
-        if self.verbose and not self.schedule.progressive:
-            rank_zero_info(
-                f"[ifprune] epoch {trainer.current_epoch}: FLOPs {metrics['prune/flops_kept']:.3f}, params "
-                f"{metrics['prune/params_kept']:.3f} of the original ({elapsed:.2f}s)"
-            )
+        log_metrics(trainer, metrics, announce=self.verbose and not self.schedule.progressive)
         return result
 
-    # ------------------------------------------------------------------ helpers
     def _structure(self, pl_module: LightningModule, example: torch.Tensor) -> ChannelStructure:
-        return ChannelStructure.build(
-            pl_module,
-            example,
-            ignored_layers=self.ignored_layers,
-            min_channels=self.min_channels,
-            original_sizes=self.original_sizes or None,
-        )
+        return ChannelStructure.build(pl_module, example, ignored_layers=self.ignored_layers,
+                                      min_channels=self.min_channels, original_sizes=self.original_sizes or None)  # fmt: skip
 
     def _example(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
         if self.example_input is None:
-            stored = pruning_state(pl_module)["example_input"]
-            array = getattr(pl_module, "example_input_array", None)
-            if stored is not None:
-                self.example_input = stored
-            elif isinstance(array, torch.Tensor):
-                self.example_input = array[:1]
-            else:
-                batch: Batch = draw_batches(trainer, None, 1)[0]
-                self.example_input = first_sample(inputs_and_targets(batch)[0])
+            self.example_input = trace_example(trainer, pl_module)
         ref = next(pl_module.parameters())
-        x = self.example_input.to(ref.device)
-        return x.to(ref.dtype) if x.is_floating_point() else x
+        return to_compute(self.example_input, ref.device, ref.dtype)

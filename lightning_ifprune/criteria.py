@@ -23,6 +23,7 @@ from lightning_ifprune.estimator import (
     compute_dtype,
     estimate,
     estimation_mode,
+    mask_params,
     scalar_loss,
 )
 from lightning_ifprune.loss import LossClosure, OutputsTargetsLoss, inputs_and_targets, resolve_loss
@@ -136,11 +137,10 @@ def _require_batches(name: str, batches: Iterable[Batch]) -> Iterator[Batch]:
 def mask_gradients(structure: ChannelStructure, batches: Iterable[Batch], loss: LossClosure) -> Iterator[Scores]:
     """``∂L/∂m`` at m = 1 for each batch (one forward and backward each)."""
     model = structure.model
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    space = MaskSpace(structure, params)
-    ref = next(iter(params.values()))
     dtype = compute_dtype(structure)
-    with estimation_mode(model):
+    with estimation_mode(model), mask_params(structure) as (params, _):
+        space = MaskSpace(structure, params)  # frozen consumers included: they read the masks
+        ref = next(iter(params.values()))
         for batch in batches:
             value = scalar_loss(loss, model, to_compute(batch, ref.device, dtype))
             grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
@@ -269,6 +269,11 @@ def resolve_criterion(criterion: str | Criterion | CriterionFn, **options: Any) 
 def criterion_name(criterion: Criterion | CriterionFn) -> str:
     """A criterion's name (a callable's ``__name__``)."""
     return criterion.name if isinstance(criterion, Criterion) else getattr(criterion, "__name__", "callable")
+
+
+def for_optimizer(criterion: Criterion | CriterionFn, weight_decay: float) -> Criterion | CriterionFn:
+    """The criterion completed with the optimizer's weight decay (callables as they are)."""
+    return criterion.for_optimizer(weight_decay) if isinstance(criterion, Criterion) else criterion
 
 
 def needs_data(criterion: Criterion | CriterionFn) -> bool:

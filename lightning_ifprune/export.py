@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_ifprune.checkpoint import CHECKPOINT_KEY, record_pruning
+from lightning_ifprune.checkpoint import CHECKPOINT_KEY, read_checkpoint, recorded_history, verify_checkpoint_file
 from lightning_ifprune.surgery import History, replay_history
 
 STATE_FILE = "pruned_state.pt"
@@ -72,7 +72,7 @@ def export_pruned(
     out_dir: str | PathLike,
     *,
     example_input: torch.Tensor,
-    history: Iterable[Sequence[Mapping[str, Any]]] = (),
+    history: Iterable[Sequence[Mapping[str, Any]]] | None = None,
     model: str | None = None,
     num_classes: int | None = None,
     in_channels: int | None = None,
@@ -82,6 +82,7 @@ def export_pruned(
     """Write ``pruned_state.pt`` (and ``model.pt`` with ``torchscript``) into ``out_dir``.
 
     ``history`` is relative to ``net`` (see :func:`plain_history` for a ``LightningModule``'s);
+    by default, the steps recorded on ``net`` (and its submodules) when they were pruned;
     ``example_input`` is a batch the net accepts (one sample is enough). ``model``,
     ``num_classes``, ``in_channels`` and ``model_kwargs`` are what
     :func:`lightning_ifprune.models.build_model` needs to rebuild the unpruned net. ``net``
@@ -91,6 +92,8 @@ def export_pruned(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     example = example_input.detach().cpu()
+    if history is None:
+        history = recorded_history(net)[0]
     payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         CHECKPOINT_KEY: {"history": plain_history(history), "example_input": example[:1].clone()},
@@ -127,16 +130,19 @@ def load_exported(path: str | PathLike, map_location: Any = "cpu") -> nn.Module:
     ``model.pt`` (any TorchScript archive) loads with ``torch.jit.load``. ``pruned_state.pt``
     is rebuilt as a regular ``nn.Module``: ``build_model``, the history replayed, the weights
     loaded (its pruning history is recorded on it, so it can be exported again). A
-    directory means its ``pruned_state.pt`` (else its ``model.pt``).
+    directory means its ``pruned_state.pt`` (else its ``model.pt``). Both files are verified
+    first: truncated, corrupted or foreign files raise
+    :class:`~lightning_ifprune.checkpoint.CheckpointError` naming the path.
     """
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE if (path / STATE_FILE).is_file() else path / SCRIPT_FILE
     if is_torchscript(path):
+        verify_checkpoint_file(path)
         with _quiet_jit():
             return torch.jit.load(str(path), map_location=map_location).eval()
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, Mapping) or "state_dict" not in payload:
+    payload = read_checkpoint(path, map_location="cpu")
+    if "state_dict" not in payload:
         raise ValueError(f"{path} is neither a TorchScript archive nor an exported pruned_state.pt")
     if not payload.get("model") or payload.get("num_classes") is None:
         raise ValueError(f"{path} does not say which model to build (no 'model'/'num_classes')")
@@ -153,8 +159,6 @@ def load_exported(path: str | PathLike, map_location: Any = "cpu") -> nn.Module:
     if history:
         example = saved["example_input"]
         net.eval()
-        replay_history(net, history, example)
-        for step in history:
-            record_pruning(net, list(step), example)
+        replay_history(net, history, example)  # records the steps on net
     net.load_state_dict(payload["state_dict"])
     return net.to(map_location).eval()

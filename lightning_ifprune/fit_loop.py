@@ -12,8 +12,12 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
 
-from lightning_ifprune.batch import Batch
+from lightning_ifprune.batch import Batch, first_sample
+from lightning_ifprune.checkpoint import pruning_state
+from lightning_ifprune.loss import inputs_and_targets
 from lightning_ifprune.selection import Baseline
 from lightning_ifprune.structure import ChannelStructure
 
@@ -43,6 +47,18 @@ def draw_batches(trainer: Trainer, pl_module: LightningModule | None, count: int
     if pl_module is not None:
         batches = [pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in batches]
     return batches
+
+
+def trace_example(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+    """The input to trace ``pl_module`` with (one sample, on CPU): the one its pruning history
+    recorded, else its ``example_input_array``, else the first sample of a training batch."""
+    stored = pruning_state(pl_module)["example_input"]
+    array = getattr(pl_module, "example_input_array", None)
+    if stored is not None:
+        return stored
+    if isinstance(array, torch.Tensor):
+        return array[:1].detach().cpu()
+    return first_sample(inputs_and_targets(draw_batches(trainer, None, 1)[0])[0])
 
 
 def optimizer_weight_decay(trainer: Trainer) -> float:
@@ -99,7 +115,19 @@ def round_metrics(
     return metrics
 
 
-def log_metrics(trainer: Trainer, metrics: Mapping[str, Any]) -> None:
-    """Send ``metrics`` to every logger at the current global step."""
+def log_metrics(trainer: Trainer, metrics: Mapping[str, Any], announce: bool = False) -> None:
+    """Send ``metrics`` to every logger at the current global step; with ``announce``, also say
+    on rank 0 how much of the model a round left."""
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=trainer.global_step)
+    if announce:
+        rank_zero_info(
+            f"[ifprune] epoch {trainer.current_epoch}: FLOPs {metrics['prune/flops_kept']:.3f}, params "
+            f"{metrics['prune/params_kept']:.3f} of the original ({metrics['prune/round_s']:.2f}s)"
+        )
+
+
+def scoring_progress(trainer: Trainer, batches: list[Batch], verbose: bool) -> Iterable[Batch]:
+    """``batches`` behind a progress bar on rank 0 (when verbose and there are several)."""
+    show = verbose and trainer.is_global_zero and len(batches) > 1
+    return tqdm(batches, desc="[ifprune] scoring", leave=False, dynamic_ncols=True, disable=not show)

@@ -69,6 +69,22 @@ class PruningSchedule:
             return False
         return global_step % self.every_n_steps == 0 and steps_done * self.every_n_steps < global_step
 
+    def overrun(self, max_epochs: int | None) -> str | None:
+        """Why this schedule cannot finish within ``max_epochs`` (None: it can, or no limit)."""
+        if max_epochs is None or max_epochs < 0:
+            return None
+        if self.progressive:
+            if self.start_epoch < max_epochs:
+                return None
+            return f"progressive pruning from start_epoch={self.start_epoch} never runs within max_epochs={max_epochs}"
+        epochs = self.round_epochs()
+        if epochs[-1] < max_epochs:
+            return None
+        return (
+            f"pruning rounds at epochs {epochs} (start_epoch={self.start_epoch}, end_epoch={self.end_epoch}) "
+            f"do not all run within max_epochs={max_epochs}"
+        )
+
     def last_epoch(self) -> int:
         """The last epoch in which the round schedule prunes."""
         return self.end_epoch

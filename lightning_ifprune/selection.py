@@ -70,6 +70,11 @@ def _check_scores(structure: ChannelStructure, scores: Mapping[str, torch.Tensor
     return out
 
 
+def kept_fraction(structure: ChannelStructure, resource: str, baseline: Baseline) -> float:
+    """How much of ``baseline``'s ``resource`` the structure's model has now."""
+    return resource_size(structure, resource, {}) / getattr(baseline, resource)
+
+
 def check_reachable(
     structure: ChannelStructure, resource: str, fraction: float, baseline: Baseline, hint: str = ""
 ) -> None:

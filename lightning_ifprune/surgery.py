@@ -8,14 +8,19 @@ step fails. It returns what it did (:class:`SurgeryResult`): the applied plan, w
 of each parameter went (to slice optimizer state alike, :mod:`lightning_ifprune.optim`), the
 replaced parameters, and the history step. The applied plans form the *history*: lists of
 names and ints that survive ``torch.load(weights_only=True)`` and rebuild the pruned
-architecture on a fresh model.
+architecture on a fresh model. Every applied plan is recorded on the model it pruned
+(:func:`pruning_state`), whoever applied it — the callback, :func:`prune_channels` or
+:func:`~lightning_ifprune.prune_to_target` — and :func:`recorded_history` gathers the steps
+recorded on a module and its submodules in the order they were applied.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,9 +40,72 @@ History = list[HistoryStep]
 #: Which entries of a parameter a plan removes: ``{dim: indices}``.
 ParamSlices = dict[int, list[int]]
 
+_ATTR = "_ifprune_state"
+_clock = [0]
+
 
 class PruningPlanError(ValueError):
     """A pruning plan that cannot be applied; nothing was changed."""
+
+
+def pruning_state(module: nn.Module) -> dict[str, Any]:
+    """The steps recorded on ``module`` itself: ``{"history": [...], "example_input": Tensor | None}``.
+
+    Its submodules may hold steps of their own (when they were pruned directly); see
+    :func:`recorded_history` for all of them.
+    """
+    state = module.__dict__.get(_ATTR)
+    if state is None:
+        state = {"history": [], "example_input": None, "order": []}
+        module.__dict__[_ATTR] = state
+    return state
+
+
+def _next_order() -> int:
+    """A strictly increasing stamp, comparable across the modules of one process."""
+    _clock[0] = max(time.time_ns(), _clock[0] + 1)
+    return _clock[0]
+
+
+def record_pruning(module: nn.Module, step: HistoryStep, example_input: torch.Tensor) -> None:
+    """Append one applied plan to the module's history.
+
+    :func:`prune_channels` records every plan it applies; recording the same step object
+    (``result.history_step``) again is a no-op.
+    """
+    for sub in module.modules():
+        state = sub.__dict__.get(_ATTR)
+        if state is not None and any(s is step for s in state["history"]):
+            return
+    state = pruning_state(module)
+    order = state.setdefault("order", [])
+    order.extend([0] * (len(state["history"]) - len(order)))
+    state["history"].append(step)
+    order.append(_next_order())
+    state["example_input"] = example_input.detach().cpu()
+
+
+def recorded_history(module: nn.Module) -> tuple[History, torch.Tensor | None]:
+    """Every step recorded on ``module`` and its submodules, oldest first, names relative to
+    ``module``; and the example input to replay them with (``module``'s own, else the latest
+    submodule's)."""
+    steps: list[tuple[int, int, HistoryStep]] = []
+    own, latest = None, (-1, None)
+    for prefix, sub in module.named_modules():
+        state = sub.__dict__.get(_ATTR)
+        if not state or not state["history"]:
+            continue
+        order = list(state.get("order") or [])
+        order += [0] * (len(state["history"]) - len(order))
+        for stamp, step in zip(order[: len(state["history"])], state["history"], strict=True):
+            entries = [{**e, "group": f"{prefix}.{e['group']}" if prefix else e["group"]} for e in step]
+            steps.append((stamp, len(steps), entries))
+        if sub is module:
+            own = state["example_input"]
+        elif max(order) > latest[0]:
+            latest = (max(order), state["example_input"])
+    example = own if own is not None else latest[1]
+    return [step for _, _, step in sorted(steps, key=lambda t: t[:2])], example
 
 
 def validate_plan(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
@@ -79,11 +147,12 @@ def validate_plan(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]
 
 
 @contextmanager
-def _atomic(model: nn.Module) -> Iterator[None]:
-    """Undo every change to ``model``'s modules if the block raises.
+def atomic(model: nn.Module) -> Iterator[None]:
+    """Undo every change surgery makes to ``model``'s modules if the block raises.
 
     Torch-Pruning replaces parameters and buffers by new tensors and rewrites size
-    attributes, so keeping references and plain attributes is enough to roll back.
+    attributes, so keeping references and plain attributes is enough to roll back; the
+    recorded pruning histories roll back too. Blocks may span several :func:`prune_channels`.
     """
     saved = []
     for module in model.modules():
@@ -92,18 +161,25 @@ def _atomic(model: nn.Module) -> Iterator[None]:
             for k, v in vars(module).items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, tuple, str))
         }
-        saved.append((module, dict(module._parameters), dict(module._buffers), attrs))
+        state = module.__dict__.get(_ATTR)
+        copied = None if state is None else {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
+        saved.append((module, dict(module._parameters), dict(module._buffers), attrs, copied))
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         yield
     except BaseException:
-        for module, params, buffers, attrs in saved:
+        for module, params, buffers, attrs, copied in saved:
             module._parameters.clear()
             module._parameters.update(params)
             module._buffers.clear()
             module._buffers.update(buffers)
             for k, v in attrs.items():
                 setattr(module, k, v)
+            if copied is None:
+                module.__dict__.pop(_ATTR, None)
+            else:
+                module.__dict__.setdefault(_ATTR, {}).clear()
+                module.__dict__[_ATTR].update(copied)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
@@ -121,10 +197,13 @@ class SurgeryResult:
     slices: dict[str, ParamSlices] = field(default_factory=dict)
     replaced: dict[str, tuple[nn.Parameter, nn.Parameter]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_step", plan_to_history_step(self.plan))
+
     @property
     def history_step(self) -> HistoryStep:
-        """The plan as one history entry (plain names and ints)."""
-        return plan_to_history_step(self.plan)
+        """The plan as one history entry (plain names and ints); the object recorded on the model."""
+        return self._step  # type: ignore[attr-defined]
 
     @property
     def removed(self) -> dict[str, int]:
@@ -135,9 +214,10 @@ class SurgeryResult:
 def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]]) -> SurgeryResult:
     """Physically remove the planned channels from ``structure.model``, all or nothing.
 
-    Frozen parameters stay frozen and every module keeps its train/eval mode. ``structure``
-    describes the model before pruning and is stale afterwards: build a new one for further
-    work.
+    Frozen parameters stay frozen and every module keeps its train/eval mode. The applied
+    plan is recorded on ``structure.model`` (:func:`record_pruning`), so checkpoints of it (or
+    of a module containing it) rebuild the pruned architecture. ``structure`` describes the
+    model before pruning and is stale afterwards: build a new one for further work.
     """
     steps = validate_plan(structure, plan)
     if not steps:
@@ -147,7 +227,7 @@ def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]
     old = dict(model.named_parameters())
     frozen = {name for name, p in old.items() if not p.requires_grad}
     modes = [(m, m.training) for m in model.modules()]
-    with _atomic(model):
+    with atomic(model):
         for name, idxs in steps.items():
             root = model.get_submodule(name)
             pruner = graph.get_pruner_of_module(root)
@@ -160,7 +240,9 @@ def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]
         _check_forward(model, structure.example_inputs)
     new = dict(model.named_parameters())
     replaced = {n: (p, new[n]) for n, p in old.items() if n in new and new[n] is not p}
-    return SurgeryResult(steps, slices, replaced)
+    result = SurgeryResult(steps, slices, replaced)
+    record_pruning(model, result.history_step, structure.example_inputs[:1])
+    return result
 
 
 def _check_forward(model: nn.Module, example_inputs: torch.Tensor) -> None:
@@ -185,10 +267,16 @@ def replay_history(
     history: Iterable[Sequence[Mapping[str, object]]],
     example_inputs: torch.Tensor,
 ) -> nn.Module:
-    """Apply a recorded history to a freshly built model (in place); returns the model."""
-    for step in history:
-        plan = {str(e["group"]): list(e["indices"]) for e in step}  # type: ignore[call-overload]
-        prune_channels(ChannelStructure.build(model, example_inputs), plan)
+    """Apply a recorded history to a freshly built model (in place, all steps or none); returns
+    the model. The steps are recorded on it."""
+    history = list(history)
+    with atomic(model):
+        for k, step in enumerate(history, 1):
+            plan = {str(e["group"]): list(e["indices"]) for e in step}  # type: ignore[call-overload]
+            try:
+                prune_channels(ChannelStructure.build(model, example_inputs), plan)
+            except PruningPlanError as err:
+                raise PruningPlanError(f"history step {k} of {len(history)}: {err}") from err
     return model
 
 

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_ifprune.app.instantiators import make_trainer, phase_config
-from lightning_ifprune.checkpoint import CHECKPOINT_KEY, restore_architecture
+from lightning_ifprune.checkpoint import CHECKPOINT_KEY, read_checkpoint, restore_architecture
 from lightning_ifprune.data import ImageDataModule
 from lightning_ifprune.module import ImageClassifier
 
@@ -88,7 +88,7 @@ def load_initial_weights(module: ImageClassifier, path: str | os.PathLike) -> No
     A pruning history in the file is replayed onto the fresh net first, so pruned
     checkpoints load (what :func:`~lightning_ifprune.load_pruned_checkpoint` does).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     if isinstance(checkpoint, Mapping) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         checkpoint = {"state_dict": checkpoint}  # a plain state_dict, e.g. of torchvision weights
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
@@ -101,7 +101,7 @@ def load_initial_weights(module: ImageClassifier, path: str | os.PathLike) -> No
         if saved.get("history"):
             history = [[{**e, "group": NET_PREFIX + str(e["group"])} for e in step] for step in saved["history"]]
             saved = {**saved, "history": history}
-    restore_architecture(module, {CHECKPOINT_KEY: saved} if saved else {})
+    restore_architecture(module, {CHECKPOINT_KEY: saved, "state_dict": state} if saved else {}, source=str(path))
     module.load_state_dict(state, strict=True)
 
 

@@ -36,7 +36,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_ifprune.app.callbacks import KeepPruningState, PruningMonitor
@@ -49,7 +48,7 @@ from lightning_ifprune.app.phases import (
     run_phase,
 )
 from lightning_ifprune.app.summary import RunSummary, Snapshot
-from lightning_ifprune.checkpoint import pruning_state
+from lightning_ifprune.checkpoint import recorded_history
 from lightning_ifprune.criteria import criterion_name
 from lightning_ifprune.export import export_pruned, plain_history
 from lightning_ifprune.measure import measure_cost
@@ -59,6 +58,7 @@ from lightning_ifprune.report import CHANNELS_FILE, plot_channels, print_summary
 def train(cfg: DictConfig) -> dict:
     """Pre-train, prune, fine-tune and test as configured; returns what ``summary.json`` holds."""
     start = time.perf_counter()
+    check_inputs(cfg)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data on purpose
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
     pruner = build_pruner(cfg)
     if cfg.init_from:
         load_initial_weights(module, cfg.init_from)
-        if pruner is not None and pruning_state(module)["history"]:
+        if pruner is not None and recorded_history(module)[0]:
             raise ValueError(
                 f"init_from={cfg.init_from} is already pruned; the prune callback starts from "
                 "an unpruned net. Fine-tune it with prune=none, or start from the unpruned checkpoint."
@@ -107,11 +107,6 @@ def train(cfg: DictConfig) -> dict:
             seed=cfg.seed + 1,
             optimization=None,
         )
-        if pruner is not None and not pruner.finished:
-            rank_zero_warn(
-                f"pruning did not finish within trainer.max_epochs={main_epochs}: "
-                "raise it or start the schedule earlier"
-            )
     ft_run = PhaseRun()
     if ft_epochs:
         ft_run = run_phase(
@@ -184,6 +179,17 @@ def train(cfg: DictConfig) -> dict:
     return summary.as_dict()
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """Fail before any building or training when ``init_from`` names no file."""
+    if not cfg.init_from:
+        return
+    path = Path(str(cfg.init_from))
+    if not path.is_file():
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "no such file"
+        where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+        raise FileNotFoundError(f"init_from={cfg.init_from}: {what}{where}")
+
+
 def write_outputs(
     cfg: DictConfig,
     module: pl.LightningModule,
@@ -208,7 +214,7 @@ def write_outputs(
         assert isinstance(node, dict)
         is_zoo = node.get("_target_") == "lightning_ifprune.models.build_model"
         net_cfg = {k: v for k, v in node.items() if not str(k).startswith("_")}
-        history = plain_history(pruning_state(module)["history"], strip_prefix=NET_PREFIX)
+        history = plain_history(recorded_history(module)[0], strip_prefix=NET_PREFIX)
         paths = export_pruned(
             module.net,
             out_dir,

@@ -1,4 +1,4 @@
-"""Lightning data modules: the embedded digits default, CIFAR, ImageNet and synthetic data.
+"""Lightning data modules: the embedded digits default, Fashion-MNIST, CIFAR, ImageNet and synthetic data.
 
 Every module exposes ``num_classes`` and ``input_shape`` (C, H, W) from construction on,
 before any data is read, so models and example inputs can be built first.
@@ -7,6 +7,7 @@ before any data is read, so models and example inputs can be built first.
 from lightning_ifprune.data.base import DatasetNotFoundError, ImageDataModule, TransformSubset
 from lightning_ifprune.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_ifprune.data.digits import DigitsDataModule, ShiftAugmentedTensorDataset
+from lightning_ifprune.data.fashion_mnist import FashionMNISTDataModule
 from lightning_ifprune.data.imagenet import ImageNetDataModule
 from lightning_ifprune.data.synthetic import SyntheticDataModule
 
@@ -15,6 +16,7 @@ __all__ = [
     "CIFAR100DataModule",
     "DatasetNotFoundError",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageNetDataModule",
     "ShiftAugmentedTensorDataset",

@@ -8,6 +8,7 @@ from lightning_ifprune.estimator.hessian import (
     BatchHessian,
     apply_inverse,
     estimation_mode,
+    mask_params,
     scalar_loss,
 )
 from lightning_ifprune.estimator.options import INVERSES, PROBES, SCORES, EstimatorOptions
@@ -24,5 +25,6 @@ __all__ = [
     "compute_dtype",
     "estimate",
     "estimation_mode",
+    "mask_params",
     "scalar_loss",
 ]

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_ifprune.batch import Batch, batch_size, split_batch
 from lightning_ifprune.estimator.options import EstimatorOptions
 from lightning_ifprune.loss import LossClosure
-from lightning_ifprune.structure import NORM_TYPES
+from lightning_ifprune.structure import NORM_TYPES, ChannelStructure
 
 Tensors = dict[str, torch.Tensor]
 
@@ -61,6 +61,40 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = flag
         for m in synced:
             m.__class__ = nn.SyncBatchNorm
+
+
+@contextmanager
+def mask_params(structure: ChannelStructure) -> Iterator[tuple[dict[str, nn.Parameter], frozenset[str]]]:
+    """``(params, trainable)``: the trainable parameters plus the frozen weights that consume
+    channels, and the names of the trainable ones.
+
+    A frozen consumer still reads the masked channels, so the mask derivatives go through its
+    weights; only the retraining (``H_ww``, ``H_wm``) leaves it out. Its ``requires_grad`` is
+    switched on for the duration (to differentiate) and restored on exit.
+    """
+    model = structure.model
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    consumers = {slot.module for g in structure.groups.values() for slot in g.consumers}
+    frozen = {}
+    for name in sorted(consumers):
+        weight = getattr(model.get_submodule(name), "weight", None)
+        pname = f"{name}.weight" if name else "weight"
+        if isinstance(weight, nn.Parameter) and not weight.requires_grad:
+            frozen[pname] = weight
+    try:
+        for p in frozen.values():
+            p.requires_grad_(True)
+        yield {**trainable, **frozen}, frozenset(trainable)
+    finally:
+        for p in frozen.values():
+            p.requires_grad_(False)
+
+
+def project(t: Tensors, keep: frozenset[str] | None) -> Tensors:
+    """``t`` with the entries outside ``keep`` zeroed (None keeps all)."""
+    if keep is None:
+        return t
+    return {k: v if k in keep else torch.zeros_like(v) for k, v in t.items()}
 
 
 def scalar_loss(loss: LossClosure, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -148,15 +182,22 @@ class BatchHessian:
         self._graph = None
 
 
-def apply_inverse(hess: BatchHessian, b: Tensors, opts: EstimatorOptions) -> Tensors:
-    """Apply an approximation of H_ww⁻¹ (with H_ww = H̃ + λI) to a stack of vectors."""
+def apply_inverse(
+    hess: BatchHessian, b: Tensors, opts: EstimatorOptions, trainable: frozenset[str] | None = None
+) -> Tensors:
+    """Apply an approximation of H_ww⁻¹ (with H_ww = H̃ + λI) to a stack of vectors.
+
+    With ``trainable``, ``w`` is those weights only: H_ww is their block of the Hessian, and
+    the result is zero on the others.
+    """
     lam = opts.decay
+    b = project(b, trainable)
     if opts.inverse == "identity":
         return {k: v / lam for k, v in b.items()}
     shift = lam + opts.damping
 
     def apply(u: Tensors) -> Tensors:
-        hu = hess.hvp(u)
+        hu = project(hess.hvp(u), trainable)
         return {k: hu[k] + shift * u[k] for k in u}
 
     def dot(a: Tensors, c: Tensors) -> torch.Tensor:

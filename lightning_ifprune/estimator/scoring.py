@@ -30,6 +30,7 @@ from lightning_ifprune.estimator.hessian import (
     Tensors,
     apply_inverse,
     estimation_mode,
+    mask_params,
 )
 from lightning_ifprune.estimator.options import EstimatorOptions
 from lightning_ifprune.loss import LossClosure
@@ -94,21 +95,20 @@ def estimate(
             "(the callback takes the optimizer's)"
         )
     model = structure.model
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters to estimate with")
-    ref = next(iter(params.values()))
     dtype = compute_dtype(structure)
-    space = MaskSpace(structure, params)
     gen = torch.Generator().manual_seed(opts.seed)
-    sums: MaskVec = {n: torch.zeros(s, dtype=torch.float64, device=ref.device) for n, s in space.sizes.items()}
     losses = []
-    with estimation_mode(model):
+    with estimation_mode(model), mask_params(structure) as (params, trainable):
+        ref = next(iter(params.values()))
+        space = MaskSpace(structure, params)
+        sums: MaskVec = {n: torch.zeros(s, dtype=torch.float64, device=ref.device) for n, s in space.sizes.items()}
         for batch in batches:
             hess = BatchHessian(model, params, to_compute(batch, ref.device, dtype), loss, opts.micro_batches)
             losses.append(hess.loss)
             w = {k: p.detach() for k, p in params.items()}
-            per_batch = _batch_scores(space, hess, w, hess.grad, opts, gen, dtype, ref.device)
+            per_batch = _batch_scores(space, hess, w, hess.grad, opts, gen, dtype, ref.device, trainable)
             hess.release()
             for n, s in per_batch.items():
                 sums[n] += s.double()
@@ -128,8 +128,10 @@ def _batch_scores(
     gen: torch.Generator,
     dtype: torch.dtype,
     device: torch.device,
+    trainable: frozenset[str],
 ) -> MaskVec:
-    """One batch's contribution: |B p| (paper, ones) or diagonals via probes."""
+    """One batch's contribution: |B p| (paper, ones) or diagonals via probes. ``w`` covers every
+    weight the masks touch; the retraining only the ``trainable`` ones (H_wm rows, H_ww)."""
     total: MaskVec = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in space.sizes.items()}
     g_m = space.reduce({k: (w[k] * g[k]).unsqueeze(0) for k in w}, dtype=dtype)
     probes = probe_stack(space.sizes, opts, gen, dtype, device)
@@ -145,7 +147,7 @@ def _batch_scores(
         }
         a = hess.hvp(wez)  # H̃ (w ⊙ Ez)
         h_wm = {name: a[name] + (g[name] * ez[name] if name in ez else 0) for name in w}
-        u = apply_inverse(hess, h_wm, opts)
+        u = apply_inverse(hess, h_wm, opts, trainable)
         hu = hess.hvp(u)
         b = space.reduce({name: g[name] * u[name] + w[name] * hu[name] for name in w}, dtype=dtype)
         if opts.score == "paper":
