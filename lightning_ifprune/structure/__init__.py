@@ -4,7 +4,8 @@ A *group* is one set of channels that must be removed together (spec §1): the o
 its producer Conv/Linear layers, the matching BatchNorm entries, and the input columns of
 every layer that consumes them, residual partners included. The coupling is read from
 Torch-Pruning's ``DependencyGraph`` (:mod:`.groups`); naming, masks (:mod:`.masks`), the
-exact cost model (:mod:`.cost`) and which structures are refused are ours.
+exact cost model (:mod:`.cost`) and which structures are refused are ours. The graph is
+traced in training mode (:mod:`.graph`), so training-only branches are part of it.
 
 Works on any ``nn.Module``; nothing here needs Lightning.
 """

@@ -9,20 +9,26 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_ifprune.structure.cost import CostModel
+from lightning_ifprune.structure.graph import refuse_compiled, trace_graph
 from lightning_ifprune.structure.groups import (
     ChannelGroup,
     CostCoef,
     GroupParser,
     NotPrunable,
+    RefusedGroup,
     UnsupportedModelError,
 )
 from lightning_ifprune.structure.ops import SUPPORTED_TYPES, WEIGHTED_TYPES
 from lightning_ifprune.structure.tracing import (
+    OpOwners,
     as_name_set,
     module_order,
+    reached_in_eval,
     resolve_min_keep,
-    restore_modes,
 )
+
+#: Parsed groups: (prunable groups, skipped group → reason, cost coefficients, module → refusal).
+Parsed = tuple[dict[str, ChannelGroup], dict[str, str], list[CostCoef], dict[str, str]]
 
 
 class ChannelStructure:
@@ -63,51 +69,39 @@ class ChannelStructure:
         ``min_channels`` is the least each group keeps: a count, or a fraction of the
         group's size in ``original_sizes`` (default: its current size).
 
-        Raises :class:`UnsupportedModelError`, naming the module, for structures whose
-        channels cannot be removed safely (unknown channel-mixing ops, option-A zero-pad
-        shortcuts, layers with parameters the graph cannot see).
+        The model is traced in training mode (every branch that runs in training, such as
+        auxiliary heads, is seen); buffers, modes and random generators are left as they were.
+
+        Raises :class:`UnsupportedModelError` before anything changes, listing at once every
+        module whose channels cannot be removed safely (unknown channel-mixing ops, option-A
+        zero-pad shortcuts, split channels in residual sums, custom layers with parameters,
+        layers no forward pass reaches) and whether ignoring them leaves anything prunable;
+        also for ``torch.compile`` wrappers (prune the uncompiled module, then compile it)
+        and for failures of Torch-Pruning's tracer.
         """
+        refuse_compiled(model)
         ignored = as_name_set(model, ignored_layers)
         resolve_min_keep(min_channels, 1)  # validates the value early
-        for name, module in model.named_modules():
-            if (
-                next(module.parameters(recurse=False), None) is not None
-                and not isinstance(module, SUPPORTED_TYPES)
-                and name not in ignored
-            ):
-                raise UnsupportedModelError(
-                    f"module '{name}' ({type(module).__name__}) holds a layer type lightning_ifprune does "
-                    f"not prune; pass ignored_layers=['{name}'] to keep the channels it touches"
-                )
-        with restore_modes(model), torch.enable_grad():
-            try:
-                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-            except Exception as err:  # the tracer's own errors are rarely readable
-                raise UnsupportedModelError(f"could not trace the model's channel dependencies: {err}") from err
+        graph, owners = trace_graph(model, example_inputs)
         order = module_order(model)
-        parser = GroupParser(model, example_inputs, graph, order, ignored)
-        groups: dict[str, ChannelGroup] = {}
-        skipped: dict[str, str] = {}
-        coefs: list[CostCoef] = []
-        for group in graph.get_all_groups(root_module_types=WEIGHTED_TYPES):
-            try:
-                grp, group_coefs = parser.parse(group)
-            except NotPrunable as skip:
-                skipped[skip.group] = skip.reason
-                continue
-            size0 = (original_sizes or {}).get(grp.name, grp.size)
-            grp = ChannelGroup(
-                grp.name,
-                grp.size,
-                grp.producers,
-                grp.norms,
-                grp.consumers,
-                min(grp.size, resolve_min_keep(min_channels, size0)),
+        try:
+            tp_groups = list(graph.get_all_groups(root_module_types=WEIGHTED_TYPES))
+        except Exception as err:  # noqa: BLE001 - Torch-Pruning's grouping errors are rarely readable
+            raise UnsupportedModelError(
+                f"Torch-Pruning could not group the channels of {type(model).__name__}: {type(err).__name__}: {err}"
+            ) from err
+
+        def parse(skip: set[str]) -> Parsed:
+            return _parse_groups(
+                GroupParser(model, graph, order, skip, owners), tp_groups, min_channels, original_sizes
             )
-            groups[grp.name] = grp
-            coefs.extend(group_coefs)
-        for name in ignored:
-            groups.pop(name, None)
+
+        groups, skipped, coefs, issues = parse(ignored)
+        for name, why in _unseen_layers(model, example_inputs, graph, owners, ignored).items():
+            issues.setdefault(name, why)
+        if issues:
+            remaining = parse(ignored | as_name_set(model, issues))[0]
+            raise UnsupportedModelError(_refusal(model, order, issues, len(remaining)))
         costs = CostModel.measure(model, example_inputs, coefs)
         ordered = dict(sorted(groups.items(), key=lambda kv: order[model.get_submodule(kv[0])][0]))
         return cls(model, example_inputs, graph, ordered, skipped, costs)
@@ -131,3 +125,84 @@ class ChannelStructure:
 
     def __repr__(self) -> str:
         return f"ChannelStructure({len(self.groups)} groups, {sum(self.widths().values())} channels)"
+
+
+def _parse_groups(
+    parser: GroupParser,
+    tp_groups: list[tp.Group],
+    min_channels: int | float,
+    original_sizes: Mapping[str, int] | None,
+) -> Parsed:
+    """Every Torch-Pruning group parsed; refusals collected (not raised) per module."""
+    groups: dict[str, ChannelGroup] = {}
+    skipped: dict[str, str] = {}
+    coefs: list[CostCoef] = []
+    issues: dict[str, str] = {}
+    for group in tp_groups:
+        try:
+            grp, group_coefs = parser.parse(group)
+        except NotPrunable as skip:
+            skipped[skip.group] = skip.reason
+            continue
+        except RefusedGroup as refused:
+            for name, why in refused.issues.items():
+                issues.setdefault(name, why)
+            continue
+        size0 = (original_sizes or {}).get(grp.name, grp.size)
+        min_keep = min(grp.size, resolve_min_keep(min_channels, size0))
+        groups[grp.name] = ChannelGroup(grp.name, grp.size, grp.producers, grp.norms, grp.consumers, min_keep)
+        coefs.extend(group_coefs)
+    for name in parser.ignored:
+        groups.pop(name, None)
+    return groups, skipped, coefs, issues
+
+
+def _unseen_layers(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    graph: tp.DependencyGraph,
+    owners: OpOwners,
+    ignored: set[str],
+) -> dict[str, str]:
+    """Layers with parameters whose channels the dependency graph cannot account for."""
+    out: dict[str, str] = {}
+    in_eval: set[nn.Module] | None = None
+    for name, module in model.named_modules():
+        if name in ignored or next(module.parameters(recurse=False), None) is None:
+            continue
+        what = f"module '{name}' ({type(module).__name__})"
+        if module not in owners.reached:
+            if in_eval is None:
+                in_eval = reached_in_eval(model, example_inputs)
+            out[name] = (
+                f"{what} runs only in eval mode, but the structure is traced in training mode"
+                if module in in_eval
+                else f"{what} has parameters but is not reached by any forward pass on example_inputs "
+                "(training or eval mode), so the channels it reads are unknown (ignore it only if it never runs)"
+            )
+        elif module in graph.module2node:
+            continue  # its channels are in the groups, handled there
+        elif isinstance(module, SUPPORTED_TYPES):
+            out[name] = f"{what} runs, but its output never reaches the model's output, so the graph cannot see it"
+        else:
+            out[name] = (
+                f"{what} holds parameters of a layer type lightning_ifprune does not prune, "
+                "and the channels it touches cannot be tracked through it"
+            )
+    return out
+
+
+def _refusal(model: nn.Module, order: dict[nn.Module, tuple[int, str]], issues: dict[str, str], remaining: int) -> str:
+    """One message listing every offending module, the advice, and what the advice leaves."""
+    names = sorted(issues, key=lambda n: order[model.get_submodule(n)][0])
+    hint = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    lines = "\n".join(f"  - {issues[n]}" for n in names)
+    after = (
+        f"ignoring them leaves {remaining} prunable group(s)"
+        if remaining
+        else "ignoring them would leave nothing prunable: lightning_ifprune cannot prune this model"
+    )
+    return (
+        f"{type(model).__name__}: {len(names)} module(s) make channel pruning unsafe:\n{lines}\n"
+        f"pass ignored_layers={hint!r} to keep the channels they touch ({after})"
+    )

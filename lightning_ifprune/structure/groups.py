@@ -4,7 +4,9 @@ A Torch-Pruning group lists every (node, indices) pair that removing one set of 
 touches. :class:`GroupParser` reads it with one handler per kind of node — network output,
 element-wise op, bare parameter, convolution, linear layer, per-channel layer, anything
 else — and either builds a :class:`ChannelGroup` (with its cost coefficients), skips the
-group with a reason (:class:`NotPrunable`), or refuses the model (:class:`UnsupportedModelError`).
+group with a reason (:class:`NotPrunable`), or lists the modules that make it unsafe
+(:class:`RefusedGroup`; the model is then refused, :class:`UnsupportedModelError`). A group
+that keeps all its channels anyway is skipped, whatever it touches.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lightning_ifprune.structure.ops import (
     keeps_channels,
     op_name,
 )
-from lightning_ifprune.structure.tracing import owner_of_op
+from lightning_ifprune.structure.tracing import OpOwners
 
 #: ``(group, module, "in" | "out" | "norm", channels per group channel)``
 CostCoef = tuple[str, str, str, int]
@@ -40,6 +42,14 @@ class NotPrunable(Exception):
     def __init__(self, group: str, reason: str) -> None:
         super().__init__(reason)
         self.group, self.reason = group, reason
+
+
+class RefusedGroup(Exception):
+    """A group whose channels cannot be removed safely: ``issues`` maps module name → why."""
+
+    def __init__(self, issues: dict[str, str]) -> None:
+        super().__init__("; ".join(issues.values()))
+        self.issues = issues
 
 
 @dataclass(frozen=True)
@@ -73,22 +83,23 @@ class GroupParser:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs: torch.Tensor,
         graph: tp.DependencyGraph,
         order: dict[nn.Module, tuple[int, str]],
         ignored: set[str],
+        owners: OpOwners,
     ) -> None:
-        self.model, self.example_inputs, self.graph = model, example_inputs, graph
+        self.model, self.graph, self.owners = model, graph, owners
         self.order, self.ignored = order, ignored
         self.names = {m: n for m, (_, n) in order.items()}
 
     def parse(self, group: tp.Group) -> tuple[ChannelGroup, list[CostCoef]]:
-        """The group, or :class:`NotPrunable` / :class:`UnsupportedModelError`."""
+        """The group, or :class:`NotPrunable` / :class:`RefusedGroup`."""
         self.producers: list[nn.Module] = []
         self.norms: list[nn.Module] = []
         self.slots: dict[str, tuple[list[int], list[int]]] = {}
         self.coefs: list[tuple[str, str, int]] = []
         self.reason: str | None = None
+        self.issues: dict[str, str] = {}
         self.root = self.names.get(group[0].dep.target.module, "?")
         for item in group:
             self._item(item)
@@ -96,8 +107,12 @@ class GroupParser:
             raise NotPrunable(self.root, "no producer layer")
         self.producers.sort(key=lambda m: self.order[m][0])
         gname = self.names[self.producers[0]]
-        if self.reason:
+        if self.reason:  # all its channels stay: nothing it touches can break
             raise NotPrunable(gname, self.reason)
+        if not self.issues:  # an unknown op explains a width mismatch already
+            self._check_widths(gname, len(group[0].idxs))
+        if self.issues:
+            raise RefusedGroup(self.issues)
         consumers = tuple(
             ConsumerSlot(n, torch.as_tensor(pos, dtype=torch.long), torch.as_tensor(ch, dtype=torch.long))
             for n, (pos, ch) in sorted(self.slots.items(), key=lambda kv: self._position(kv[0]))
@@ -120,6 +135,26 @@ class GroupParser:
     def _skip(self, reason: str) -> None:
         self.reason = self.reason or reason
 
+    def _refuse(self, name: str, why: str) -> None:
+        self.issues.setdefault(name, why)
+
+    def _describe(self, name: str) -> str:
+        return f"module '{name}' ({type(self.model.get_submodule(name)).__name__})"
+
+    def _check_widths(self, gname: str, size: int) -> None:
+        """Every producer of a group must have exactly the group's channels (no split halves)."""
+        widths = {
+            self.names[m]: m.out_channels if isinstance(m, CONV_TYPES) else m.out_features for m in self.producers
+        }
+        if any(w != size for w in widths.values()):
+            listed = ", ".join(f"'{n}' ({w} channels)" for n, w in widths.items())
+            self._refuse(
+                gname,
+                f"the group of '{self.root}' ({size} channels) couples producers of different widths: {listed} "
+                "(part of a layer's channels, e.g. a split or chunk, feeds a residual sum); "
+                "its channels cannot be mapped",
+            )
+
     # ------------------------------------------------------------------ dispatch
     def _item(self, item: tp.dependency.GroupItem) -> None:
         node, module = item.dep.target, item.dep.target.module
@@ -141,10 +176,10 @@ class GroupParser:
             return self._on_weighted(item, module, name, per_channel)
         if isinstance(module, PER_CHANNEL_TYPES):
             return self._on_per_channel(module, name, per_channel)
-        raise UnsupportedModelError(
-            f"module '{name}' ({type(module).__name__}) mixes or normalises the channels of "
-            f"group '{self.root}' in a way lightning_ifprune does not prune; "
-            f"pass ignored_layers=['{name}'] to keep those channels"
+        return self._refuse(
+            name,
+            f"{self._describe(name)} mixes or normalises the channels of group '{self.root}' "
+            "in a way lightning_ifprune does not prune",
         )
 
     # ------------------------------------------------------------------ handlers
@@ -152,14 +187,14 @@ class GroupParser:
         if not node.inputs or keeps_channels(node.grad_fn):  # no inputs: on a weight path
             return
         op = op_name(node.grad_fn)
-        where = owner_of_op(self.model, self.example_inputs, node.grad_fn)
-        if where in self.ignored:
+        where = self.owners.owner(node.grad_fn)
+        if where is not None and where in self.ignored:
             return self._skip(f"it passes through ignored layer '{where}'")
         hint = " (an option-A zero-pad shortcut? use 1x1-conv shortcuts)" if op == "ConstantPadNd" else ""
-        raise UnsupportedModelError(
-            f"module '{where}' applies '{op}' to the channels of group '{self.root}', "
-            f"an op whose channel mapping is unknown{hint}; "
-            f"pass ignored_layers=['{where}'] to keep those channels"
+        who = self._describe(where) if where else f"the top-level forward of {type(self.model).__name__}"
+        return self._refuse(
+            where or self.root,  # ignoring the group's root keeps the channels of a top-level op
+            f"{who} applies '{op}' to the channels of group '{self.root}', an op whose channel mapping is unknown{hint}",
         )
 
     def _consume(self, name: str, item: tp.dependency.GroupItem) -> None:
@@ -169,7 +204,7 @@ class GroupParser:
 
     def _on_conv(self, item, module: nn.Module, name: str, per_channel: int) -> None:
         if module.transposed:
-            raise UnsupportedModelError(f"module '{name}' is a transposed convolution, which is not supported")
+            return self._refuse(name, f"{self._describe(name)} is a transposed convolution, which is not supported")
         if is_depthwise(module):  # its input and output channels are one
             self.producers.append(module)
             self._consume(name, item)

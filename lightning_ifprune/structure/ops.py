@@ -66,7 +66,28 @@ def acts_on_channels(grad_fn: object, name: str) -> bool:
     return any(int(d) % ndim == 1 for d in dims)
 
 
+def only_restrides(grad_fn: object) -> bool:
+    """An ``as_strided`` that only re-lays out an ``(N, C, 1, …)`` tensor of the same shape.
+
+    PyTorch emits it after global pooling of ``channels_last`` tensors; element ``[n, c]``
+    stays ``[n, c]``. Any other ``as_strided`` may move channels and is not accepted.
+    """
+    size = tuple(getattr(grad_fn, "_saved_size", ()))
+    stride = tuple(getattr(grad_fn, "_saved_stride", ()))
+    offset = getattr(grad_fn, "_saved_storage_offset", None)
+    nexts = getattr(grad_fn, "next_functions", ())
+    if len(size) < 2 or len(stride) != len(size) or offset not in (None, 0) or not nexts or nexts[0][0] is None:
+        return False
+    source, index = nexts[0]
+    meta = getattr(source, "_input_metadata", ())
+    if index >= len(meta) or tuple(meta[index].shape) != size or any(s != 1 for s in size[2:]):
+        return False
+    return (size[1] == 1 or stride[1] == 1) and (size[0] == 1 or stride[0] == size[1])
+
+
 def keeps_channels(grad_fn: object) -> bool:
     """Whether an element-wise node of the graph leaves the channel axis as it is."""
     name = op_name(grad_fn)
+    if name == "AsStrided":
+        return only_restrides(grad_fn)
     return name in CHANNEL_PRESERVING_OPS or (name in AXIS_OPS and not acts_on_channels(grad_fn, name))

@@ -9,12 +9,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_ifprune.structure.ops import op_name
-
 
 @contextmanager
 def restore_modes(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's train/eval flag afterwards (tracing switches to eval)."""
+    """Restore every submodule's train/eval flag afterwards (tracing switches modes)."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         yield
@@ -50,7 +48,9 @@ def resolve_min_keep(min_channels: int | float, size: int) -> int:
         raise ValueError(f"min_channels must be a positive int or a fraction in (0, 1), got {min_channels!r}")
     if isinstance(min_channels, float) and min_channels < 1:
         return max(1, math.ceil(min_channels * size))
-    return max(1, int(min_channels))
+    if min_channels != int(min_channels):
+        raise ValueError(f"min_channels must be a whole count (≥ 1) or a fraction in (0, 1), got {min_channels!r}")
+    return int(min_channels)
 
 
 def validate_example_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -64,47 +64,83 @@ def validate_example_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor
     return example_inputs
 
 
-def owner_of_op(model: nn.Module, example_inputs: torch.Tensor, grad_fn: object) -> str:
-    """Qualified name of the innermost module whose forward created ``grad_fn``'s op type."""
-    target = op_name(grad_fn)
-    spans: dict[str, tuple[set, object]] = {}
-    starts: dict[str, list] = {}
+def _grad_fns(obj: object) -> list:
+    """Autograd nodes of every tensor in a (nested) value."""
+    if isinstance(obj, torch.Tensor):
+        return [obj.grad_fn] if obj.grad_fn is not None else []
+    if isinstance(obj, (list, tuple)):
+        return [f for o in obj for f in _grad_fns(o)]
+    if isinstance(obj, dict):
+        return [f for o in obj.values() for f in _grad_fns(o)]
+    return []
 
-    def pre(name):
-        def hook(_m, args):
-            starts[name] = [a.grad_fn for a in args if isinstance(a, torch.Tensor)]
 
-        return hook
+class OpOwners:
+    """Which module's forward created an autograd node, and which modules ran at all.
 
-    def post(name):
-        def hook(_m, _args, out):
-            out = out[0] if isinstance(out, tuple) else out
-            if isinstance(out, torch.Tensor):
-                spans[name] = (set(starts.get(name, [])), out.grad_fn)
+    Filled by hooks around one forward (:meth:`recording`); :meth:`owner` then answers for
+    any node of that forward's graph (the innermost module whose call created it).
+    """
 
-        return hook
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.reached: set[nn.Module] = set()
+        self.spans: list[tuple[str, set, list]] = []  # (module, its inputs' nodes, its outputs' nodes)
+        self._members: list[tuple[str, set]] | None = None
 
-    hooks = []
-    for name, m in model.named_modules():
-        hooks.append(m.register_forward_pre_hook(pre(name)))
-        hooks.append(m.register_forward_hook(post(name)))
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record module calls and their input/output nodes during the enclosed forward."""
+        starts: dict[nn.Module, list[set]] = {}
+
+        def pre(module, args, kwargs):
+            self.reached.add(module)
+            starts.setdefault(module, []).append(set(_grad_fns((args, kwargs))))
+
+        def post(module, _args, _kwargs, out):
+            stops = starts[module].pop() if starts.get(module) else set()
+            self.spans.append((self.names[module], stops, _grad_fns(out)))
+
+        hooks = []
+        for m in self.names:
+            hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(m.register_forward_hook(post, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def owner(self, grad_fn: object) -> str | None:
+        """Qualified name of the innermost module that created ``grad_fn`` (None: the top level)."""
+        if self._members is None:
+            self._members = []
+            for name, stops, roots in self.spans:
+                seen, stack = set(), list(roots)
+                while stack:
+                    fn = stack.pop()
+                    if fn is None or fn in seen or fn in stops:
+                        continue
+                    seen.add(fn)
+                    stack.extend(f for f, _ in getattr(fn, "next_functions", ()))
+                self._members.append((name, seen))
+        best, best_size = None, None
+        for name, members in self._members:
+            if name and grad_fn in members and (best_size is None or len(members) < best_size):
+                best, best_size = name, len(members)
+        return best
+
+
+def reached_in_eval(model: nn.Module, example_inputs: torch.Tensor) -> set[nn.Module]:
+    """Modules an eval-mode forward on ``example_inputs`` calls (modes restored)."""
+    reached: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _a: reached.add(mod)) for m in model.modules()]
     try:
-        with restore_modes(model), torch.enable_grad():
+        with restore_modes(model), torch.no_grad():
             model.eval()
-            model(example_inputs.detach().requires_grad_(True))
+            model(example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    best, best_size = "", None
-    for name, (stops, root) in spans.items():
-        seen, stack, found = set(), [root], False
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen or fn in stops:
-                continue
-            seen.add(fn)
-            found = found or op_name(fn) == target
-            stack.extend(f for f, _ in getattr(fn, "next_functions", ()))
-        if found and (best_size is None or len(seen) < best_size):
-            best, best_size = name, len(seen)
-    return best or "<top level>"
+    return reached

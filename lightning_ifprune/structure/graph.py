@@ -1,0 +1,146 @@
+"""Building Torch-Pruning's dependency graph: traced in training mode, failures made readable.
+
+The trace runs the model in training mode (so branches that only run in training, such as
+auxiliary heads, are part of the graph) with running-statistics norms in eval mode, every
+buffer and the random generators restored afterwards: building a structure changes nothing.
+The graph's surgery keeps each parameter's memory format (``channels_last`` stays).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_ifprune.structure.groups import UnsupportedModelError
+from lightning_ifprune.structure.ops import op_name
+from lightning_ifprune.structure.tracing import OpOwners, restore_modes
+
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _channels_last_format(p: torch.Tensor) -> torch.memory_format | None:
+    """``channels_last(_3d)`` when ``p`` is laid out that way (and not also plainly contiguous)."""
+    fmt = _FORMATS.get(p.dim())
+    if fmt is None or p.is_contiguous() or not p.is_contiguous(memory_format=fmt):
+        return None
+    return fmt
+
+
+class FormatKeepingGroup(tp.Group):
+    """A Torch-Pruning group whose pruning gives every parameter back its memory format."""
+
+    def prune(self, idxs: Sequence[int] | None = None, record_history: bool = True) -> None:
+        """Prune as Torch-Pruning does, then restore ``channels_last`` layouts."""
+        modules = {item.dep.target.module for item in self if isinstance(item.dep.target.module, nn.Module)}
+        formats = [
+            (m, name, fmt)
+            for m in modules
+            for name, p in m.named_parameters(recurse=False)
+            if (fmt := _channels_last_format(p)) is not None
+        ]
+        super().prune(idxs=idxs, record_history=record_history)
+        with torch.no_grad():
+            for m, name, fmt in formats:
+                p = getattr(m, name)
+                if not p.is_contiguous(memory_format=fmt):
+                    p.data = p.data.contiguous(memory_format=fmt)  # same Parameter object
+                if p.grad is not None and not p.grad.is_contiguous(memory_format=fmt):
+                    p.grad = p.grad.contiguous(memory_format=fmt)
+
+
+class FormatKeepingGraph(tp.DependencyGraph):
+    """A dependency graph whose pruning groups keep memory formats (:class:`FormatKeepingGroup`)."""
+
+    def get_pruning_group(self, module: nn.Module, pruning_fn: Callable, idxs: Sequence[int]) -> tp.Group:
+        """Torch-Pruning's group, pruning through :class:`FormatKeepingGroup`."""
+        group = super().get_pruning_group(module, pruning_fn, idxs)
+        group.__class__ = FormatKeepingGroup  # same state, one overridden method
+        return group
+
+
+@contextmanager
+def training_trace_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Training mode, norms with running statistics in eval mode; modes, buffers and RNG restored."""
+    saved = [
+        (m, name, buf, buf.detach().clone())
+        for m in model.modules()
+        for name, buf in m._buffers.items()
+        if buf is not None
+    ]
+    devices = [device] if device.type == "cuda" else []
+    with restore_modes(model), torch.random.fork_rng(devices=devices):
+        try:
+            model.train()
+            for m in model.modules():
+                if getattr(m, "track_running_stats", False):
+                    m.eval()  # batch statistics of one example would change nothing structural
+            yield
+        finally:
+            with torch.no_grad():
+                for m, name, buf, value in saved:
+                    buf.copy_(value)
+                    m._buffers[name] = buf
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """Refuse ``torch.compile`` wrappers: their structure is the uncompiled module's."""
+    for name, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            where = "the model" if not name else f"module '{name}'"
+            raise UnsupportedModelError(
+                f"{where} is a torch.compile wrapper ({type(m).__name__} of "
+                f"{type(m._orig_mod).__name__}); build the structure on the uncompiled module "
+                f"(its `_orig_mod`), prune it, then compile the pruned module again"
+            )
+
+
+def trace_graph(model: nn.Module, example_inputs: torch.Tensor) -> tuple[FormatKeepingGraph, OpOwners]:
+    """The dependency graph of one training-mode forward, and who owns each of its ops."""
+    owners = OpOwners(model)
+
+    def forward(net: nn.Module, x: torch.Tensor):
+        with training_trace_mode(net, x.device), owners.recording():
+            return net(x)
+
+    graph = FormatKeepingGraph()
+    with restore_modes(model), torch.enable_grad():
+        try:
+            graph.build_dependency(model, example_inputs=example_inputs, forward_fn=forward, verbose=False)
+        except Exception as err:  # noqa: BLE001 - every tracer failure becomes a refusal
+            raise UnsupportedModelError(tracer_failure(model, owners, err)) from err
+    return graph, owners
+
+
+def tracer_failure(model: nn.Module, owners: OpOwners, err: BaseException) -> str:
+    """A readable refusal for an error inside Torch-Pruning: model type, error, and where."""
+    node = _failing_node(err)
+    where = ""
+    if node is not None:
+        module = node.module
+        name = owners.names.get(module) if isinstance(module, nn.Module) else None
+        if name is None and node.grad_fn is not None:
+            name = owners.owner(node.grad_fn)
+        op = op_name(node.grad_fn) if node.grad_fn is not None else type(module).__name__
+        where = f" at op '{op}'" + (f" in module '{name}'" if name else " in the top-level forward")
+    return (
+        f"Torch-Pruning could not trace the channel dependencies of {type(model).__name__}{where}: "
+        f"{type(err).__name__}: {err}; lightning_ifprune cannot prune this model"
+    )
+
+
+def _failing_node(err: BaseException) -> tp.Node | None:
+    """The innermost dependency-graph node a failing Torch-Pruning frame was working on."""
+    named, found = None, None
+    tb: types.TracebackType | None = err.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if isinstance(local.get("node"), tp.Node):
+            named = local["node"]
+        found = next((v for v in local.values() if isinstance(v, tp.Node)), found)
+        tb = tb.tb_next
+    return named or found
