@@ -28,6 +28,7 @@ from lightning_ifprune.estimator import (
 )
 from lightning_ifprune.loss import LossClosure, OutputsTargetsLoss, inputs_and_targets, resolve_loss
 from lightning_ifprune.structure import (
+    NORM_TYPES,
     ChannelStructure,
     MaskSpace,
     channel_masks,
@@ -93,18 +94,24 @@ class Magnitude(Criterion):
 
 
 class BNScale(Criterion):
-    """|γ| of the group's BatchNorm layers (summed when several share the group)."""
+    """|γ| of the group's BatchNorm layers at the group's channels (summed when several)."""
 
     name = "bn_scale"
 
     def __call__(self, structure, batches, loss) -> Scores:
         out = {}
         for name, group in structure.groups.items():
-            gammas = [structure.model.get_submodule(n).weight for n in group.norms]
-            gammas = [g for g in gammas if g is not None]
-            if not gammas:
+            total = None
+            for slot in group.norms:
+                norm = structure.model.get_submodule(slot.module)
+                gamma = getattr(norm, "weight", None) if isinstance(norm, NORM_TYPES) else None
+                if gamma is not None:
+                    part = gamma.detach()[slot.positions.to(gamma.device)].abs()
+                    zero = torch.zeros(group.size, dtype=gamma.dtype, device=gamma.device)
+                    total = (zero if total is None else total).index_add(0, slot.channels.to(gamma.device), part)
+            if total is None:
                 raise ValueError(f"bn_scale criterion: group '{name}' has no affine BatchNorm layer")
-            out[name] = sum(g.detach().abs() for g in gammas)
+            out[name] = total
         return out
 
 

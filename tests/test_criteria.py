@@ -148,3 +148,27 @@ def test_criteria_compare_by_configuration() -> None:
     assert lip.Magnitude(2) != lip.Magnitude(1) and lip.Taylor() == lip.Taylor()
     assert resolve_criterion("influence", num_probes=4) == lip.Influence(num_probes=4)
     assert lip.Influence().needs_data and not lip.Magnitude().needs_data
+
+
+class _ConcatNorm(nn.Module):
+    """Two convs concatenated, then one BatchNorm over both (as in a DenseNet block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(9)
+        self.c, self.bn_c = nn.Conv2d(9, 2, 1), nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.fc(self.bn_c(self.c(y)).flatten(1))
+
+
+def test_bn_scale_reads_each_group_s_slice_of_a_shared_norm() -> None:
+    model = _ConcatNorm()
+    with torch.no_grad():
+        model.bn.weight.copy_(-torch.arange(1.0, 10.0))
+    scores = lip.score_channels(model, criterion="bn_scale", example_inputs=torch.randn(1, 3, 4, 4))
+    assert torch.equal(scores["a"], torch.arange(1.0, 6.0))
+    assert torch.equal(scores["b"], torch.arange(6.0, 10.0))

@@ -241,7 +241,9 @@ def test_convnext_refusal_lists_every_offender_and_its_advice_converges() -> Non
     assert bool(structure.groups) == ("nothing" not in str(info.value)), str(info.value)
     # Unsupported layers left out of the advice take no part in any prunable group.
     covered = lambda name: any(name == h or name.startswith(h + ".") for h in hinted)  # noqa: E731
-    members = {m for g in structure.groups.values() for m in (*g.producers, *g.norms, *(s.module for s in g.consumers))}
+    members = {
+        m for g in structure.groups.values() for m in (*g.producers, *(s.module for s in (*g.norms, *g.consumers)))
+    }
     for name, module in model.named_modules():
         if next(module.parameters(recurse=False), None) is not None and not isinstance(module, SUPPORTED_TYPES):
             assert covered(name) or name not in members, name

@@ -181,9 +181,10 @@ def test_channels_without_signal_are_removed_without_changing_outputs() -> None:
             for prod in group.producers:
                 model.get_submodule(prod).weight[idxs] = 0
             for norm in group.norms:
-                bn = model.get_submodule(norm)
-                bn.weight[idxs] = 0
-                bn.bias[idxs] = 0
+                bn = model.get_submodule(norm.module)
+                at = norm.positions[torch.isin(norm.channels, torch.tensor(idxs))]
+                bn.weight[at] = 0
+                bn.bias[at] = 0
         before = model(x)
     scores = lip.score_channels(model, criterion="magnitude", example_inputs=x[:1])
     total = sum(structure.widths().values())

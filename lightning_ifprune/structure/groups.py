@@ -54,10 +54,11 @@ class RefusedGroup(Exception):
 
 @dataclass(frozen=True)
 class ConsumerSlot:
-    """Where a group's channels enter one consuming layer.
+    """Where a group's channels sit in one layer: the inputs of a consumer, or the features
+    of a per-channel layer (norm, PReLU).
 
-    ``positions[i]`` is an input index of ``module`` that carries group channel
-    ``channels[i]`` (several positions per channel after a flatten).
+    ``positions[i]`` is an index of ``module`` that carries group channel ``channels[i]``
+    (several positions per channel after a flatten; a slice of a norm after a concat).
     """
 
     module: str
@@ -72,7 +73,7 @@ class ChannelGroup:
     name: str
     size: int
     producers: tuple[str, ...]
-    norms: tuple[str, ...]
+    norms: tuple[ConsumerSlot, ...]
     consumers: tuple[ConsumerSlot, ...]
     min_keep: int
 
@@ -95,7 +96,7 @@ class GroupParser:
     def parse(self, group: tp.Group) -> tuple[ChannelGroup, list[CostCoef]]:
         """The group, or :class:`NotPrunable` / :class:`RefusedGroup`."""
         self.producers: list[nn.Module] = []
-        self.norms: list[nn.Module] = []
+        self.norms: dict[str, tuple[list[int], list[int]]] = {}
         self.slots: dict[str, tuple[list[int], list[int]]] = {}
         self.coefs: list[tuple[str, str, int]] = []
         self.reason: str | None = None
@@ -113,17 +114,14 @@ class GroupParser:
             self._check_widths(gname, len(group[0].idxs))
         if self.issues:
             raise RefusedGroup(self.issues)
-        consumers = tuple(
-            ConsumerSlot(n, torch.as_tensor(pos, dtype=torch.long), torch.as_tensor(ch, dtype=torch.long))
-            for n, (pos, ch) in sorted(self.slots.items(), key=lambda kv: self._position(kv[0]))
-        )
+        consumers = self._slots(self.slots)
         if not consumers:
             raise NotPrunable(gname, "its channels are outputs of the network (no consuming layer)")
         grp = ChannelGroup(
             name=gname,
             size=len(group[0].idxs),
             producers=tuple(self.names[m] for m in self.producers),
-            norms=tuple(self.names[m] for m in sorted(self.norms, key=lambda m: self.order[m][0])),
+            norms=self._slots(self.norms),
             consumers=consumers,
             min_keep=1,
         )
@@ -131,6 +129,12 @@ class GroupParser:
 
     def _position(self, name: str) -> int:
         return self.order[self.model.get_submodule(name)][0]
+
+    def _slots(self, where: dict[str, tuple[list[int], list[int]]]) -> tuple[ConsumerSlot, ...]:
+        return tuple(
+            ConsumerSlot(n, torch.as_tensor(pos, dtype=torch.long), torch.as_tensor(ch, dtype=torch.long))
+            for n, (pos, ch) in sorted(where.items(), key=lambda kv: self._position(kv[0]))
+        )
 
     def _skip(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -175,7 +179,7 @@ class GroupParser:
         if isinstance(module, WEIGHTED_TYPES):
             return self._on_weighted(item, module, name, per_channel)
         if isinstance(module, PER_CHANNEL_TYPES):
-            return self._on_per_channel(module, name, per_channel)
+            return self._on_per_channel(item, module, name, per_channel)
         return self._refuse(
             name,
             f"{self._describe(name)} mixes or normalises the channels of group '{self.root}' "
@@ -197,8 +201,8 @@ class GroupParser:
             f"{who} applies '{op}' to the channels of group '{self.root}', an op whose channel mapping is unknown{hint}",
         )
 
-    def _consume(self, name: str, item: tp.dependency.GroupItem) -> None:
-        positions, channels = self.slots.setdefault(name, ([], []))
+    def _consume(self, name: str, item: tp.dependency.GroupItem, into: dict | None = None) -> None:
+        positions, channels = (self.slots if into is None else into).setdefault(name, ([], []))
         positions.extend(item.idxs)
         channels.extend(item.root_idxs)
 
@@ -222,10 +226,10 @@ class GroupParser:
             self._consume(name, item)
             self.coefs.append((name, "in", per_channel))
 
-    def _on_per_channel(self, module: nn.Module, name: str, per_channel: int) -> None:
+    def _on_per_channel(self, item, module: nn.Module, name: str, per_channel: int) -> None:
         if isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return
-        self.norms.append(module)
+        self._consume(name, item, into=self.norms)
         self.coefs.append((name, "norm", per_channel))
 
 
