@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
@@ -36,6 +35,7 @@ from lightning_ifprune.criteria import (
     score_structure,
 )
 from lightning_ifprune.fit_loop import (
+    TrainingStepLoss,
     agree,
     draw_batches,
     log_metrics,
@@ -82,7 +82,9 @@ class InfluencePruningCallback(Callback):
         example_input: a batch to trace the model with (default: the module's
             ``example_input_array`` or the first sample of the first training batch).
         loss: a closure ``loss(module, batch) -> scalar``; or ``loss_fn(outputs, targets)``
-            for ``(inputs, targets)`` batches. Default: cross-entropy on ``(inputs, targets)``.
+            for ``(inputs, targets)`` batches. Default: the module's own training loss
+            (:class:`~lightning_ifprune.fit_loop.TrainingStepLoss`: ``pruning_loss(batch)`` if
+            defined, else what ``training_step`` returns).
     """
 
     def __init__(
@@ -120,7 +122,7 @@ class InfluencePruningCallback(Callback):
         self.num_batches, self.normalize = num_batches, normalize
         self.ignored_layers, self.min_channels = tuple(ignored_layers), min_channels
         self.example_input, self.verbose = example_input, verbose
-        self.loss = resolve_loss(loss, loss_fn) or resolve_loss(None, F.cross_entropy)
+        self.loss = resolve_loss(loss, loss_fn) or TrainingStepLoss()
         self._scorer: Criterion | CriterionFn = self.criterion
         # Schedule state (travels in checkpoints).
         self.rounds_done = 0

@@ -192,7 +192,7 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any], sourc
             plan = {str(e["group"]): list(e["indices"]) for e in step}
             try:
                 prune_channels(ChannelStructure.build(module, example), plan)
-            except Exception as err:
+            except (ValueError, IndexError, RuntimeError) as err:  # a plan or shapes that do not fit; bugs pass
                 raise CheckpointError(
                     f"{source}: pruning history step {k} of {len(history)} does not apply to this module: {err}"
                 ) from err

@@ -5,7 +5,9 @@ Kept apart so that :mod:`lightning_ifprune.callback` reads as the orchestration 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from lightning_ifprune.batch import Batch, first_sample
@@ -20,6 +23,56 @@ from lightning_ifprune.checkpoint import pruning_state
 from lightning_ifprune.loss import inputs_and_targets
 from lightning_ifprune.selection import Baseline
 from lightning_ifprune.structure import ChannelStructure
+
+
+class TrainingStepLoss:
+    """``loss(module, batch)``: the loss a LightningModule trains with.
+
+    ``module.pruning_loss(batch)`` when the module defines it; else the loss its
+    ``training_step(batch, 0)`` returns (a tensor, or the ``"loss"`` of a dict), with
+    ``self.log``/``self.log_dict`` silenced and every torchmetrics state restored afterwards,
+    so scoring leaves no trace in the logs or the metrics.
+    """
+
+    def __call__(self, module: LightningModule, batch: Batch) -> torch.Tensor:
+        custom = getattr(module, "pruning_loss", None)
+        if callable(custom):
+            return custom(batch)
+        if not getattr(module, "automatic_optimization", True):
+            raise ValueError(
+                f"{type(module).__name__} uses manual optimization: its training_step steps the optimizer, so "
+                "it cannot be called to score channels; define pruning_loss(self, batch) or pass loss="
+            )
+        with _quiet(module):
+            out = module.training_step(batch, 0)
+        if isinstance(out, Mapping):
+            out = out.get("loss")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{type(module).__name__}.training_step returned {type(out).__name__}, not a loss tensor (or a dict "
+                "with 'loss'); define pruning_loss(self, batch) or pass loss= to the callback"
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return "TrainingStepLoss()"
+
+
+@contextmanager
+def _quiet(module: LightningModule) -> Iterator[None]:
+    """``module.log``/``log_dict`` as no-ops and its metrics' states kept, for the duration."""
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    saved = [(m, copy.deepcopy(m.metric_state), m.__dict__.get("_update_count"), m.__dict__.get("_computed"))
+             for m in metrics]  # fmt: skip
+    module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+        for metric, state, count, computed in saved:
+            for key, value in state.items():
+                setattr(metric, key, value)
+            metric.__dict__.update(_update_count=count, _computed=computed)
 
 
 def training_loader(trainer: Trainer) -> Iterable:
