@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
+import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_ifprune.models import build_model
 from lightning_ifprune.module import ImageClassifier
@@ -35,3 +38,24 @@ def classifier(seed: int = 0, widths: tuple[int, ...] = (16, 32, 32)) -> ImageCl
 def widths(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape: the architecture, comparable across runs and ranks."""
     return {n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+def cpu_trainer(root: Path, epochs: int, callbacks: list[Callback], **kwargs) -> L.Trainer:
+    """A quiet, deterministic single-process CPU trainer (checkpoints only with a ModelCheckpoint)."""
+    saving = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=saving, default_root_dir=root, deterministic=True)  # fmt: skip
+    return L.Trainer(max_epochs=epochs, callbacks=callbacks, **{**options, **kwargs})
+
+
+class DictDigits(Dataset):
+    """The digits as ``{"image": x, "label": y, "id": str}`` samples (no input/target keys)."""
+
+    def __init__(self, n: int = 192) -> None:
+        self.x, self.y = digits_tensors(n)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i], "id": f"sample-{i}"}

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _lit import classifier, loader, widths
+from _lit import classifier, cpu_trainer, loader, widths
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -23,21 +23,6 @@ from lightning_ifprune.module import ImageClassifier
 
 EXAMPLE = torch.zeros(1, 1, 8, 8)
 FAST = {"num_probes": 4, "probe_batch": 4, "cg_iters": 4, "seed": 0}
-
-
-def _trainer(tmp_path: Path, epochs: int, callbacks: list[Callback], **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        deterministic=True,
-        **kwargs,
-    )
 
 
 class LossRecorder(Callback):
@@ -106,7 +91,7 @@ def test_fit_prunes_in_rounds_and_keeps_training(tmp_path: Path) -> None:
         losses,
     ]
     dense = count_macs(module, EXAMPLE)
-    _trainer(tmp_path, 5, callbacks).fit(module, loader())
+    cpu_trainer(tmp_path, 5, callbacks).fit(module, loader())
     assert shared["checked"] == 2
     assert count_macs(module, EXAMPLE) <= 0.5 * dense == pytest.approx(0.5 * pruner.baseline.flops)
     assert len(lip.checkpoint.pruning_state(module)["history"]) == 2
@@ -126,7 +111,7 @@ def test_progressive_steps_remove_channels_per_step(tmp_path: Path) -> None:
         num_batches=1,
         example_input=EXAMPLE,
     )
-    _trainer(tmp_path, 1, [pruner]).fit(module, loader(256))  # 4 steps: boundaries at 2 (and 4)
+    cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(256))  # 4 steps: boundaries at 2 (and 4)
     history = lip.checkpoint.pruning_state(module)["history"]
     assert len(history) == 1 and sum(len(e["indices"]) for e in history[0]) == 3
     end = sum(p.shape[0] for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 4)
@@ -138,7 +123,7 @@ def _resume_run(tmp_path: Path, epochs: int, ckpt: str | None = None) -> tuple[I
     module = classifier()
     pruner = fast_rounds(3)
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    _trainer(tmp_path, epochs, [pruner, saver]).fit(module, loader(256), ckpt_path=ckpt)
+    cpu_trainer(tmp_path, epochs, [pruner, saver]).fit(module, loader(256), ckpt_path=ckpt)
     return module, tmp_path
 
 
@@ -179,7 +164,7 @@ def test_mixin_makes_plain_load_from_checkpoint_work(tmp_path: Path) -> None:
     net = build_model("small_cnn", 10, 1, widths=(16, 32, 32))
     module = MixedClassifier(net, 10, optimizer=classifier().optimizer_factory)
     pruner = lip.InfluencePruningCallback(target_flops=0.6, criterion="magnitude", example_input=EXAMPLE)
-    trainer = _trainer(tmp_path, 1, [pruner])
+    trainer = cpu_trainer(tmp_path, 1, [pruner])
     trainer.fit(module, loader(128))
     path = tmp_path / "final.ckpt"
     trainer.save_checkpoint(path)
@@ -187,7 +172,7 @@ def test_mixin_makes_plain_load_from_checkpoint_work(tmp_path: Path) -> None:
     assert widths(loaded) == widths(module)
     # An unpruned checkpoint still loads as before.
     plain = MixedClassifier(build_model("small_cnn", 10, 1, widths=(16, 32, 32)), 10)
-    trainer2 = _trainer(tmp_path, 0, [])
+    trainer2 = cpu_trainer(tmp_path, 0, [])
     trainer2.strategy.connect(plain)
     trainer2.save_checkpoint(tmp_path / "plain.ckpt")
     again = MixedClassifier.load_from_checkpoint(
@@ -220,7 +205,7 @@ def test_unreachable_target_raises_before_training(tmp_path: Path, state_snapsho
     before = state_snapshot(module)
     pruner = lip.InfluencePruningCallback(target_flops=0.05, min_channels=0.5, example_input=EXAMPLE)
     with pytest.raises(ValueError, match="unreachable"):
-        _trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+        cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
     before.assert_unchanged()
 
 
@@ -229,7 +214,7 @@ def test_model_without_prunable_group(tmp_path: Path) -> None:
     module = ImageClassifier(net, 10, optimizer=classifier().optimizer_factory)
     pruner = lip.InfluencePruningCallback(target_flops=0.5, example_input=EXAMPLE)
     with pytest.raises(ValueError, match="no prunable channel group"):
-        _trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+        cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
 
 
 def test_nan_scores_abandon_the_round(tmp_path: Path) -> None:
@@ -242,7 +227,7 @@ def test_nan_scores_abandon_the_round(tmp_path: Path) -> None:
     )
     shapes = widths(module)
     with pytest.warns(UserWarning, match="abandoned, model untouched"):
-        _trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+        cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
     assert widths(module) == shapes
 
 
@@ -296,7 +281,7 @@ def test_identity_inverse_needs_weight_decay(tmp_path: Path) -> None:
         criterion=lip.Influence(score="paper", inverse="identity"),
     )
     with pytest.raises(ValueError, match="needs the optimizer's weight_decay > 0"):
-        _trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+        cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
 
 
 def test_tracing_from_a_training_batch_leaves_the_training_rng_alone(tmp_path: Path) -> None:
@@ -310,7 +295,7 @@ def test_tracing_from_a_training_batch_leaves_the_training_rng_alone(tmp_path: P
         module = classifier()
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
         pruner = lip.InfluencePruningCallback(0.6, start_epoch=1, criterion="magnitude", example_input=example)
-        _trainer(tmp_path, 2, [pruner]).fit(module, data)
+        cpu_trainer(tmp_path, 2, [pruner]).fit(module, data)
         states.append(module.state_dict())
     assert list(states[0]) == list(states[1])
     for key, value in states[0].items():

@@ -12,8 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _lit import classifier, loader, widths
-from lightning.pytorch.callbacks import Callback
+from _lit import classifier, cpu_trainer, loader, widths
 
 import lightning_ifprune as lip
 from lightning_ifprune.checkpoint import pruning_state, restore_architecture
@@ -26,21 +25,6 @@ EXAMPLE = torch.zeros(1, 1, 8, 8)
 WIDTHS = (16, 32, 32)
 
 
-def _trainer(root: Path, epochs: int, callbacks: list[Callback]) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-        deterministic=True,
-    )
-
-
 def _pruner() -> lip.InfluencePruningCallback:
     return lip.InfluencePruningCallback(target_flops=0.6, criterion="magnitude", example_input=EXAMPLE, verbose=False)
 
@@ -49,7 +33,7 @@ def _fit_pruned(root: Path) -> tuple[ImageClassifier, L.Trainer]:
     """One epoch on digits with one magnitude pruning round at its start."""
     L.seed_everything(0)
     module = classifier(widths=WIDTHS)
-    trainer = _trainer(root, 1, [_pruner()])
+    trainer = cpu_trainer(root, 1, [_pruner()])
     trainer.fit(module, loader(128))
     assert len(pruning_state(module)["history"]) == 1  # recorded once, not once per recorder
     return module, trainer
@@ -62,7 +46,7 @@ def _load(path: Path) -> ImageClassifier:
 def _resume(path: Path, root: Path, module: ImageClassifier | None = None) -> ImageClassifier:
     """``trainer.fit(ckpt_path=path)`` of a fresh classifier (or ``module``) with the pruner."""
     module = module if module is not None else classifier(widths=WIDTHS)
-    _trainer(root, 2, [_pruner()]).fit(module, loader(128), ckpt_path=path)
+    cpu_trainer(root, 2, [_pruner()]).fit(module, loader(128), ckpt_path=path)
     return module
 
 
@@ -259,7 +243,7 @@ class LazyClassifier(L.LightningModule):
 def test_load_pruned_checkpoint_of_a_module_that_builds_its_net_in_configure_model(tmp_path: Path) -> None:
     L.seed_everything(0)
     module = LazyClassifier()
-    trainer = _trainer(tmp_path, 1, [_pruner()])
+    trainer = cpu_trainer(tmp_path, 1, [_pruner()])
     trainer.fit(module, loader(128))
     assert pruning_state(module)["history"]
     path = tmp_path / "lazy.ckpt"

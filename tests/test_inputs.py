@@ -8,26 +8,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _lit import classifier, digits_tensors, widths
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from _lit import DictDigits, classifier, cpu_trainer, digits_tensors, widths
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ifprune as lip
 from lightning_ifprune.measure import count_macs
 from lightning_ifprune.models import build_model
-
-
-def _trainer(tmp_path: Path, epochs: int, callbacks: list, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize("criterion", ["influence", "taylor", "fisher", "loss_drop"])
@@ -63,19 +49,6 @@ def test_min_channels_must_be_a_count_or_a_fraction(value: object) -> None:
         lip.ChannelStructure.build(build_model("small_cnn", 10, 1), torch.zeros(1, 1, 8, 8), min_channels=value)
 
 
-class _Dicts(Dataset):
-    """The digits as ``{"image": x, "label": y}`` samples (no input/target keys)."""
-
-    def __init__(self, n: int = 128) -> None:
-        self.x, self.y = digits_tensors(n)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.x[i], "label": self.y[i], "id": f"sample-{i}"}
-
-
 class _DictClassifier(type(classifier())):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return F.cross_entropy(self(batch["image"]), batch["label"])
@@ -94,7 +67,7 @@ def test_dict_batches_trace_and_prune(tmp_path: Path) -> None:
 
     pruner = lip.InfluencePruningCallback(0.6, criterion="fisher", loss=loss, verbose=False)
     before = widths(module)
-    _trainer(tmp_path, 1, [pruner]).fit(module, DataLoader(_Dicts(), batch_size=32))
+    cpu_trainer(tmp_path, 1, [pruner]).fit(module, DataLoader(DictDigits(), batch_size=32))
     assert pruner.finished and widths(module) != before
 
 
@@ -104,7 +77,7 @@ def test_an_empty_training_dataloader_is_a_clear_error(tmp_path: Path, state_sna
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
     pruner = lip.InfluencePruningCallback(0.5, criterion="fisher")
     with pytest.raises(ValueError, match="training dataloader is empty"):
-        _trainer(tmp_path, 1, [pruner]).fit(module, empty)
+        cpu_trainer(tmp_path, 1, [pruner]).fit(module, empty)
     before.assert_unchanged()
 
 
@@ -120,7 +93,7 @@ def test_a_schedule_that_cannot_run_warns_at_fit_start_and_end(tmp_path: Path, k
     pruner = lip.InfluencePruningCallback(0.5, criterion="magnitude", example_input=torch.zeros(1, 1, 8, 8), **kwargs)
     x, y = digits_tensors(64)
     with pytest.warns(UserWarning, match=match), pytest.warns(UserWarning, match="target .* not reached"):
-        _trainer(tmp_path, 2, [pruner], limit_train_batches=1).fit(classifier(), DataLoader(TensorDataset(x, y)))
+        cpu_trainer(tmp_path, 2, [pruner], limit_train_batches=1).fit(classifier(), DataLoader(TensorDataset(x, y)))
     assert not pruner.finished
 
 
@@ -132,7 +105,7 @@ def test_resuming_with_a_changed_target_or_schedule_warns_and_applies_it(tmp_pat
     data = DataLoader(TensorDataset(x, y), batch_size=64)
     example = torch.zeros(1, 1, 8, 8)
     first = lip.InfluencePruningCallback(0.5, rounds=3, criterion="magnitude", example_input=example, verbose=False)
-    trainer = _trainer(tmp_path, 1, [first])
+    trainer = cpu_trainer(tmp_path, 1, [first])
     module = classifier()
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "one_round.ckpt")
@@ -141,7 +114,7 @@ def test_resuming_with_a_changed_target_or_schedule_warns_and_applies_it(tmp_pat
     again = lip.InfluencePruningCallback(criterion="magnitude", example_input=example, verbose=False, **change)
     fresh = classifier()
     with pytest.warns(UserWarning, match="resum.*changed") as record:
-        _trainer(tmp_path, 4, [again]).fit(fresh, data, ckpt_path=tmp_path / "one_round.ckpt")
+        cpu_trainer(tmp_path, 4, [again]).fit(fresh, data, ckpt_path=tmp_path / "one_round.ckpt")
     message = next(str(w.message) for w in record if "changed" in str(w.message))
     for key, value in change.items():
         assert f"{key.removeprefix('target_')}" in message and str(value) in message, message

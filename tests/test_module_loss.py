@@ -9,24 +9,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _lit import digits_tensors, widths
+from _lit import DictDigits, digits_tensors, widths
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_ifprune as lip
 from lightning_ifprune.fit_loop import TrainingStepLoss
-
-
-class _Dicts(Dataset):
-    def __init__(self, n: int = 192) -> None:
-        self.x, self.y = digits_tensors(n)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.x[i], "label": self.y[i]}
 
 
 class AuxNet(L.LightningModule):
@@ -68,7 +57,7 @@ def explicit(model: nn.Module, batch: dict) -> torch.Tensor:
 def test_training_step_loss_is_the_module_s_loss_without_side_effects() -> None:
     torch.manual_seed(0)
     module = AuxNet()
-    batch = next(iter(DataLoader(_Dicts(), batch_size=32)))
+    batch = next(iter(DataLoader(DictDigits(), batch_size=32)))
     module.acc(torch.randn(4, 10), torch.arange(4))  # some metric state to keep
     state = {k: v.clone() for k, v in module.acc.metric_state.items()}
     got = TrainingStepLoss()(module, batch)
@@ -96,7 +85,7 @@ def test_the_default_loss_scores_with_the_training_step(tmp_path: Path) -> None:
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[pruner])  # fmt: skip
-    trainer.fit(module, DataLoader(_Dicts(), batch_size=32, shuffle=True))
+    trainer.fit(module, DataLoader(DictDigits(), batch_size=32, shuffle=True))
     assert isinstance(seen["loss"], TrainingStepLoss)
     for name, value in seen["explicit"].items():
         torch.testing.assert_close(seen["ours"][name], value)
@@ -105,7 +94,7 @@ def test_the_default_loss_scores_with_the_training_step(tmp_path: Path) -> None:
 
 def test_pruning_loss_overrides_and_manual_optimization_needs_it() -> None:
     module = AuxNet()
-    batch = next(iter(DataLoader(_Dicts(), batch_size=8)))
+    batch = next(iter(DataLoader(DictDigits(), batch_size=8)))
     module.pruning_loss = lambda b: module(b["image"])[0].square().mean()
     torch.testing.assert_close(TrainingStepLoss()(module, batch), module(batch["image"])[0].square().mean())
     manual = AuxNet()
