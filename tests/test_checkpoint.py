@@ -50,6 +50,19 @@ def _resume(path: Path, root: Path, module: ImageClassifier | None = None) -> Im
     return module
 
 
+def _both_loaders_refuse(path: Path, match: str, root: Path, state_snapshot) -> ImageClassifier:
+    """``load_pruned_checkpoint`` and ``fit(ckpt_path=)`` raise ``match``; the resumed module
+    is left exactly as it was (returned for further checks)."""
+    with pytest.raises(ValueError, match=match):
+        _load(path)
+    fresh = classifier(widths=WIDTHS)
+    snap = state_snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        _resume(path, root, fresh)
+    snap.assert_unchanged()
+    return fresh
+
+
 @pytest.fixture(scope="module")
 def pruned_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Lightning checkpoint of a pruned classifier (copy it before changing it)."""
@@ -93,13 +106,7 @@ def test_flipped_tensor_bytes_are_detected_by_every_loader(pruned_ckpt: Path, tm
         clean = torch.load(pruned_ckpt, weights_only=True)
         assert not all(torch.equal(v, tampered["state_dict"][k]) for k, v in clean["state_dict"].items())
     named = re.escape(str(path)) + r".*corrupted.*" + re.escape(entry.split("/", 1)[1])
-    with pytest.raises(ValueError, match=named):
-        _load(path)
-    fresh = classifier(widths=WIDTHS)
-    snap = state_snapshot(fresh)
-    with pytest.raises(ValueError, match=named):
-        _resume(path, tmp_path / "resume", fresh)
-    snap.assert_unchanged()
+    _both_loaders_refuse(path, named, tmp_path / "resume", state_snapshot)
     with pytest.raises(lip.checkpoint.CheckpointError, match=named):
         lip.checkpoint.read_checkpoint(path)
     _load(pruned_ckpt)  # the intact original still loads
@@ -165,13 +172,7 @@ def test_a_history_that_does_not_fit_the_weights_is_refused_and_changes_nothing(
 ) -> None:
     path = _with_history(pruned_ckpt, tmp_path / "foreign.ckpt", FOREIGN)
     mismatch = r"'net\.features\.\d+\.weight'.*shape"
-    with pytest.raises(ValueError, match=mismatch):
-        _load(path)
-    fresh = classifier(widths=WIDTHS)
-    snap = state_snapshot(fresh)
-    with pytest.raises(ValueError, match=mismatch):
-        _resume(path, tmp_path / "resume", fresh)
-    snap.assert_unchanged()
+    fresh = _both_loaders_refuse(path, mismatch, tmp_path / "resume", state_snapshot)
     assert pruning_state(fresh)["history"] == []
 
 
