@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _lit import DictDigits, digits_tensors, widths
+from _lit import DictDigits, cpu_trainer, digits_tensors, widths
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -116,3 +116,40 @@ def test_the_image_classifier_default_is_its_label_smoothed_loss() -> None:
     x, y = digits_tensors(16)
     got = TrainingStepLoss()(module, (x, y))
     torch.testing.assert_close(got, F.cross_entropy(module(x), y, label_smoothing=0.2))
+
+
+class _LossLog(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_a_plain_module_prunes_with_no_arguments_trains_on_and_resumes(tmp_path: Path) -> None:
+    """Dict batches, no example_input_array, the loss only in training_step:
+    ``InfluencePruningCallback(target_flops=0.5)`` prunes to half the FLOPs in 3 rounds, the
+    loss keeps falling, and a mid-schedule checkpoint resumes to the same architecture."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_ifprune.measure import count_macs
+
+    def run(root: Path, epochs: int, ckpt: Path | None = None) -> tuple[AuxNet, _LossLog]:
+        L.seed_everything(0)
+        module, log = AuxNet(), _LossLog()
+        pruner = lip.InfluencePruningCallback(target_flops=0.5, rounds=3, end_epoch=2, verbose=False)
+        saver = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        trainer = cpu_trainer(root, epochs, [pruner, log, saver])
+        trainer.fit(module, DataLoader(DictDigits(256), batch_size=32), ckpt_path=ckpt)
+        return module, log
+
+    dense = count_macs(AuxNet(), torch.zeros(1, 1, 8, 8))
+    full, log = run(tmp_path / "full", 6)
+    assert count_macs(full, torch.zeros(1, 1, 8, 8)) <= 0.5 * dense
+    per_epoch = [sum(log.losses[i : i + 8]) / 8 for i in range(0, len(log.losses), 8)]
+    assert per_epoch[-1] < per_epoch[3]  # trains on after the last round (epoch 2)
+    # Unshuffled, so the resumed run sees the batches the uninterrupted one saw.
+    resumed, _ = run(tmp_path / "resumed", 6, ckpt=tmp_path / "full" / "epoch=1.ckpt")
+    assert widths(resumed) == widths(full)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
