@@ -43,14 +43,15 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
     """
     modes = [(m, m.training) for m in model.modules()]
     tracked = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, NORM_TYPES)]
-    synced = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    synced = [(m, type(m)) for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
     try:
         for m in model.modules():
             m.training = isinstance(m, NORM_TYPES) or not isinstance(m, nn.modules.dropout._DropoutNd)
         for m, _ in tracked:
             m.track_running_stats = False
-        for m in synced:
-            m.__class__ = _LocalBatchNorm
+        for m, cls in synced:
+            if cls is nn.SyncBatchNorm:  # subclasses (timm's SyncBatchNormAct) keep their own forward
+                m.__class__ = _LocalBatchNorm
         device = next(model.parameters()).device.type
         with torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda") else nullcontext():
             yield
@@ -59,8 +60,8 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
         for m, flag in tracked:
             m.track_running_stats = flag
-        for m in synced:
-            m.__class__ = nn.SyncBatchNorm
+        for m, cls in synced:
+            m.__class__ = cls
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from lightning_ifprune.structure.groups import (
     RefusedGroup,
     UnsupportedModelError,
 )
-from lightning_ifprune.structure.ops import SUPPORTED_TYPES, WEIGHTED_TYPES
+from lightning_ifprune.structure.ops import DROPOUT_TYPES, SUPPORTED_TYPES, WEIGHTED_TYPES, op_name
 from lightning_ifprune.structure.tracing import (
     OpOwners,
     as_name_set,
@@ -84,6 +84,7 @@ class ChannelStructure:
         resolve_min_keep(min_channels, 1)  # validates the value early
         graph, owners = trace_graph(model, example_inputs)
         order = module_order(model)
+        _refuse_slice_writes(model, graph, owners)
         try:
             tp_groups = list(graph.get_all_groups(root_module_types=WEIGHTED_TYPES))
         except Exception as err:  # noqa: BLE001 - Torch-Pruning's grouping errors are rarely readable
@@ -155,6 +156,43 @@ def _parse_groups(
     for name in parser.ignored:
         groups.pop(name, None)
     return groups, skipped, coefs, issues
+
+
+def _channel_slice(node: tp.Node) -> bool:
+    """A slice of part of the channel axis (``x[:, a:b]``)."""
+    module = node.module
+    if node.type != tp.ops.OPTYPE.SLICE or getattr(module, "dim", None) != 1:
+        return False
+    sizes = tuple(getattr(module.grad_fn, "_saved_self_sym_sizes", ()))
+    width = int(sizes[1]) if len(sizes) > 1 else None
+    start, end, step = module.start or 0, module.end, module.step or 1
+    return width is None or step != 1 or int(start) != 0 or end is None or int(end) < width
+
+
+def _refuse_slice_writes(model: nn.Module, graph: tp.DependencyGraph, owners: OpOwners) -> None:
+    """Refuse slices of the channel axis (``x[:, :n]``) and in-place writes into a slice (``CopySlices``,
+    except in-place dropout) before Torch-Pruning groups them (which can take very long, e.g. ReXNet)."""
+    found: dict[str, str] = {}
+    for node in graph.module2node.values():
+        if node.grad_fn is None:
+            continue
+        if _channel_slice(node):
+            what = "takes a slice of the channels (x[:, a:b])"
+        elif node.type == tp.ops.OPTYPE.ELEMENTWISE and op_name(node.grad_fn) == "torch::autograd::CopySlices":
+            what = "writes in place into a slice of a tensor ('CopySlices', e.g. x[:, :n] += y)"
+        else:
+            continue
+        where = owners.owner(node.grad_fn)
+        module = model.get_submodule(where) if where else None
+        if what.startswith("writes") and isinstance(module, DROPOUT_TYPES):
+            continue
+        who = f"module '{where}' ({type(module).__name__})" if where else "the top-level forward"
+        found.setdefault(where or "", f"{who} {what}")
+    if found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: " + "; ".join(found.values()) + ": a partial-channel mapping "
+            "lightning_ifprune does not support; it cannot prune this model"
+        )
 
 
 def _unseen_layers(

@@ -18,10 +18,13 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_ifprune.structure.ops import (
+    BATCH_NORM_OPS,
     CONV_TYPES,
+    DROPOUT_TYPES,
     NORM_TYPES,
     PER_CHANNEL_TYPES,
     WEIGHTED_TYPES,
+    holds_channel_buffers,
     is_depthwise,
     keeps_channels,
     op_name,
@@ -92,6 +95,8 @@ class GroupParser:
         self.model, self.graph, self.owners = model, graph, owners
         self.order, self.ignored = order, ignored
         self.names = {m: n for m, (_, n) in order.items()}
+        #: Layers we do not slice whose own buffers may act on channels (frozen norms, …).
+        self.buffered = {n for m, n in self.names.items() if holds_channel_buffers(m)}
 
     def parse(self, group: tp.Group) -> tuple[ChannelGroup, list[CostCoef]]:
         """The group, or :class:`NotPrunable` / :class:`RefusedGroup`."""
@@ -188,17 +193,47 @@ class GroupParser:
 
     # ------------------------------------------------------------------ handlers
     def _on_elementwise(self, node: tp.Node) -> None:
-        if not node.inputs or keeps_channels(node.grad_fn):  # no inputs: on a weight path
+        if not node.inputs:  # on a weight path
             return
         op = op_name(node.grad_fn)
+        keeps = keeps_channels(node.grad_fn)
+        if keeps and not self.buffered:
+            return
         where = self.owners.owner(node.grad_fn)
+        if keeps and where not in self.buffered:
+            return None
         if where is not None and where in self.ignored:
             return self._skip(f"it passes through ignored layer '{where}'")
+        if where in self.buffered:
+            names = ", ".join(n for n, b in self.model.get_submodule(where).named_buffers(recurse=False) if b.dim())
+            return self._refuse(
+                where,
+                f"{self._describe(where)} acts on the channels of group '{self.root}' with buffers ({names}) "
+                "that Torch-Pruning does not slice (a frozen BatchNorm? use a BatchNorm layer, or ignore it)",
+            )
+        if (op in BATCH_NORM_OPS and self._in_norm(where)) or self._inplace_dropout(op, where):
+            return None
         hint = " (an option-A zero-pad shortcut? use 1x1-conv shortcuts)" if op == "ConstantPadNd" else ""
         who = self._describe(where) if where else f"the top-level forward of {type(self.model).__name__}"
         return self._refuse(
             where or self.root,  # ignoring the group's root keeps the channels of a top-level op
             f"{who} applies '{op}' to the channels of group '{self.root}', an op whose channel mapping is unknown{hint}",
+        )
+
+    def _in_norm(self, where: str | None) -> bool:
+        """A batch-norm op run by a norm module of the graph (a BatchNorm subclass's own forward):
+        the module's parameters and statistics are sliced with the group."""
+        if where is None:
+            return False
+        module = self.model.get_submodule(where)
+        return isinstance(module, NORM_TYPES) and module in self.graph.module2node
+
+    def _inplace_dropout(self, op: str, where: str | None) -> bool:
+        """An in-place dropout on a view (the ``CopySlices`` and ``AsStrided`` it makes): element-wise."""
+        return (
+            op in ("torch::autograd::CopySlices", "AsStrided")
+            and where is not None
+            and isinstance(self.model.get_submodule(where), DROPOUT_TYPES)
         )
 
     def _consume(self, name: str, item: tp.dependency.GroupItem, into: dict | None = None) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 WEIGHTED_TYPES = (*CONV_TYPES, nn.Linear)
+#: BatchNorm layers, matched with ``isinstance``: subclasses (timm's ``BatchNormAct2d``) are norms too.
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: Per-channel layers sliced with their channel (norms, and PReLU with one slope per channel).
 PER_CHANNEL_TYPES = (*NORM_TYPES, nn.PReLU)
@@ -32,8 +33,24 @@ CHANNEL_PRESERVING_OPS = frozenset({
     "UpsampleNearest1D", "UpsampleNearest2D", "UpsampleNearest3D",
     "UpsampleBilinear2D", "UpsampleBicubic2D",
 })  # fmt: skip
+#: Batch-norm ops: per-channel, accepted only inside a norm module whose channels are pruned with
+#: the group (a BatchNorm subclass calling ``F.batch_norm`` itself, then e.g. an activation).
+BATCH_NORM_OPS = frozenset({
+    "NativeBatchNorm", "NativeBatchNormLegit", "NativeBatchNormLegitNoTraining", "NativeBatchNormLegitFunctional",
+    "CudnnBatchNorm", "MiopenBatchNorm", "BatchNormWithUpdate", "BatchNormNoUpdate",
+})  # fmt: skip
+#: Dropout layers: element-wise, also when in place on a view (an autograd ``CopySlices`` node).
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 #: Ops that keep channels only when they do not act on the channel axis (dim 1).
 AXIS_OPS = frozenset({"Mean", "Sum", "ConstantPadNd", "Amax", "Amin"})
+
+
+def holds_channel_buffers(module: nn.Module) -> bool:
+    """A layer we do not slice that holds its own non-scalar buffers (e.g. a frozen BatchNorm):
+    its ops may scale or shift channels with state that pruning would leave at full width."""
+    return not isinstance(module, SUPPORTED_TYPES) and any(
+        b is not None and b.dim() >= 1 for _, b in module.named_buffers(recurse=False)
+    )
 
 
 def is_depthwise(module: nn.Module) -> bool:

@@ -1,0 +1,311 @@
+"""Sweep of torchvision and timm classifiers: refused with a reason, or pruned correctly.
+
+For each model (random init, small inputs) :func:`check_model` either records the
+:class:`~lightning_ifprune.structure.UnsupportedModelError` it raises, or checks that masking
+random channels equals removing them (eval mode), prunes it to half its FLOPs with the
+magnitude criterion, measures the FLOPs with PyTorch's counter and runs one training step.
+Any other error or a wrong result raises. Torch-Pruning's own ``MagnitudePruner`` runs on the
+same model for comparison. ``python -m lightning_ifprune.zoo_report [--out FILE]`` prints a
+markdown table and writes the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_ifprune.criteria import score_channels
+from lightning_ifprune.functional import prune_to_target
+from lightning_ifprune.measure import count_macs
+from lightning_ifprune.models.zoo import build_model
+from lightning_ifprune.structure import NORM_TYPES, ChannelStructure, UnsupportedModelError, channel_masks
+from lightning_ifprune.surgery import prune_channels
+
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One model of the sweep: where it comes from, how to build it, its input size."""
+
+    name: str
+    source: str  # "torchvision" or "timm"
+    size: int = 64
+    slow: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """``source/name``."""
+        return f"{self.source}/{self.name}"
+
+    def build(self) -> nn.Module:
+        """The model, randomly initialised (seeded)."""
+        torch.manual_seed(0)
+        name = self.name if self.source == "torchvision" else f"timm/{self.name}"
+        return build_model(name, num_classes=NUM_CLASSES, in_channels=3, **self.kwargs)
+
+
+TORCHVISION = [
+    ZooModel("resnet18", "torchvision"),
+    ZooModel("resnet50", "torchvision", slow=True),
+    ZooModel("mobilenet_v2", "torchvision"),
+    ZooModel("mobilenet_v3_small", "torchvision"),
+    ZooModel("efficientnet_b0", "torchvision", slow=True),
+    ZooModel("regnet_y_400mf", "torchvision"),
+    ZooModel("densenet121", "torchvision", size=32, slow=True),
+    ZooModel("vgg11_bn", "torchvision", size=32, slow=True),
+    ZooModel("mnasnet0_5", "torchvision"),
+    ZooModel("squeezenet1_0", "torchvision"),
+    ZooModel("googlenet", "torchvision", slow=True, kwargs={"aux_logits": True, "init_weights": True}),
+    ZooModel("shufflenet_v2_x0_5", "torchvision"),
+    ZooModel("convnext_tiny", "torchvision", size=32, slow=True),
+]
+TIMM = [
+    ZooModel("resnet18", "timm"),
+    ZooModel("efficientnet_b0", "timm", slow=True),
+    ZooModel("mobilenetv3_large_100", "timm"),
+    ZooModel("regnety_016", "timm", slow=True),
+    ZooModel("densenet121", "timm", size=32, slow=True),
+    ZooModel("ghostnet_100", "timm"),
+    ZooModel("cspresnet50", "timm", slow=True),
+    ZooModel("mixnet_s", "timm"),
+    ZooModel("rexnet_100", "timm"),
+    ZooModel("convnext_nano", "timm", size=32),
+]
+MODELS = TORCHVISION + TIMM
+
+
+@dataclass
+class ZooResult:
+    """What :func:`check_model` found for one model."""
+
+    model: str
+    source: str
+    status: str  # "pruned" or "refused"
+    reason: str = ""
+    groups: int = 0
+    channels: int = 0
+    max_mask_error: float = 0.0
+    flops_before: int = 0
+    flops_after: int = 0
+    flops_target: float = 0.0
+    torch_pruning: str = ""
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial affine parameters and running statistics for every BatchNorm (subclasses too)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NORM_TYPES) and m.affine and m.track_running_stats:
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+def random_plan(structure: ChannelStructure, seed: int = 0) -> dict[str, list[int]]:
+    """Up to half of each group's channels, at random (each group keeps its minimum)."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = {}
+    for name, group in structure.groups.items():
+        most = min(group.size - group.min_keep, group.size // 2)
+        k = int(torch.randint(0, most + 1, (1,), generator=gen)) if most > 0 else 0
+        if k:
+            plan[name] = torch.randperm(group.size, generator=gen)[:k].tolist()
+    return plan
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The main output (torchvision's GoogLeNet returns a named tuple in training mode)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def mask_vs_removal(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[ChannelStructure, float]:
+    """Masking a random plan equals removing it (eval mode, on a copy); the structure and the relative error."""
+    net = copy.deepcopy(model).eval()
+    structure = ChannelStructure.build(net, x[:1])
+    plan = random_plan(structure, seed)
+    masks = {n: torch.ones(g.size) for n, g in structure.groups.items()}
+    for name, idxs in plan.items():
+        masks[name][idxs] = 0
+    with torch.no_grad(), channel_masks(structure, masks):
+        masked = _logits(net(x))
+    prune_channels(structure, plan)
+    with torch.no_grad():
+        pruned = _logits(net(x))
+    scale = pruned.abs().max().item()
+    if not scale > 1e-6:
+        raise AssertionError(f"the pruned model's output vanished (max |y| = {scale})")
+    error = (masked - pruned).abs().max().item() / scale
+    if error > 1e-4:
+        raise AssertionError(f"masked and physically pruned outputs differ: relative error {error:.2e}")
+    return structure, error
+
+
+def flops_target(structure: ChannelStructure, wanted: float = 0.5) -> float:
+    """``wanted``, or halfway into the prunable share when ``wanted`` is out of reach."""
+    total = structure.cost()[0]
+    floor = structure.cost({n: g.size - g.min_keep for n, g in structure.groups.items()})[0]
+    reachable = floor / total
+    return wanted if reachable < wanted - 0.02 else (1 + reachable) / 2
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One training-mode forward and backward; every gradient finite."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    if tuple(outs[0].shape) != (x.shape[0], NUM_CLASSES):
+        raise AssertionError(f"output shape {tuple(outs[0].shape)} after pruning")
+    sum(o.float().square().mean() for o in outs).backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if bad:
+        raise AssertionError(f"non-finite gradients after pruning: {bad[:3]}")
+
+
+def classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers producing the class logits (Linear/Conv with ``NUM_CLASSES`` outputs, aux heads too)."""
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES)
+    ]
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise :class:`TimeoutError` after ``seconds`` (SIGALRM, main thread; no limit elsewhere)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise TimeoutError(f"did not finish within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def torch_pruning_result(spec: ZooModel, limit_s: int = 60) -> str:
+    """Torch-Pruning 1.6.1's ``MagnitudePruner`` at ratio 0.5 on the same model: ran or failed."""
+    model = spec.build()
+    x = torch.randn(1, 3, spec.size, spec.size)
+    try:
+        with time_limit(limit_s):
+            return _tp_prune(model, x)
+    except Exception as err:  # noqa: BLE001 - the comparison records any failure
+        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+
+
+def _tp_prune(model: nn.Module, x: torch.Tensor) -> str:
+    """Prune with Torch-Pruning; \"ran\" or why the output is wrong."""
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        x,
+        importance=tp.importance.MagnitudeImportance(),
+        pruning_ratio=0.5,
+        ignored_layers=classifier_layers(model),
+    )
+    pruner.step()
+    model.eval()
+    with torch.no_grad():
+        out = _logits(model(x))
+    if tuple(out.shape) != (1, NUM_CLASSES):
+        return f"failed: output shape {tuple(out.shape)}"
+    return "ran"
+
+
+def check_model(spec: ZooModel, compare: bool = False) -> ZooResult:
+    """Refused with :class:`UnsupportedModelError`, or pruned correctly (else it raises)."""
+    model = spec.build()
+    randomize_norms(model)
+    x = torch.randn(2, 3, spec.size, spec.size)
+    result = ZooResult(spec.name, spec.source, "pruned")
+    if compare:
+        result.torch_pruning = torch_pruning_result(spec)
+    try:
+        structure, result.max_mask_error = mask_vs_removal(model, x)
+    except UnsupportedModelError as err:
+        result.status, result.reason = "refused", str(err)
+        return result
+    result.groups, result.channels = len(structure.groups), sum(structure.widths().values())
+    result.flops_target = flops_target(structure)
+    model.eval()
+    result.flops_before = count_macs(model, x[:1])
+    scores = score_channels(model, criterion="magnitude", example_inputs=x[:1])
+    prune_to_target(model, scores, flops=result.flops_target)
+    result.flops_after = count_macs(model, x[:1])
+    if result.flops_after > (result.flops_target + 0.01) * result.flops_before:
+        raise AssertionError(
+            f"{spec.id}: {result.flops_after / result.flops_before:.3f} of the FLOPs left, "
+            f"target {result.flops_target:.3f}"
+        )
+    train_step(model, x)
+    return result
+
+
+def _reason(result: ZooResult) -> str:
+    lines = [ln.strip(" -") for ln in result.reason.splitlines() if ln.strip()]
+    first = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+    return first[:110] + ("…" if len(first) > 110 else "")
+
+
+def markdown_table(results: Sequence[ZooResult]) -> str:
+    """One row per model: groups, channels, our status, Torch-Pruning's."""
+    rows = [
+        "| model | source | groups | prunable channels | status | FLOPs left | Torch-Pruning 1.6.1 |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+    for r in results:
+        if r.status == "pruned":
+            status, left = "pruned correctly", f"{r.flops_after / r.flops_before:.2f}"
+        else:
+            status, left = f"refused: {_reason(r)}".replace("|", "\\|"), "–"
+        tp_status = r.torch_pruning.replace("|", "\\|")
+        rows.append(f"| {r.model} | {r.source} | {r.groups} | {r.channels} | {status} | {left} | {tp_status} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo.json"))
+    parser.add_argument("--models", nargs="*", help="source/name ids to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    specs = [s for s in MODELS if not args.models or s.id in args.models]
+    results = []
+    for spec in specs:
+        results.append(check_model(spec, compare=True))
+        print(f"{spec.id}: {results[-1].status}; Torch-Pruning {results[-1].torch_pruning}", file=sys.stderr)
+    print(markdown_table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
