@@ -66,6 +66,7 @@ def criteria(progressive: bool) -> dict[str, tuple[lip.Criterion, dict[str, Any]
         "fisher": (lip.Fisher(), rounds),
         "taylor": (lip.Taylor(), rounds),
         "magnitude": (lip.Magnitude(), rounds),
+        "magnitude_per_group": (lip.Magnitude(per_group=True), rounds),
         "random": (lip.Random(), rounds),
         "loss_drop": (lip.LossDrop(), rounds),
     }

@@ -73,14 +73,20 @@ class Criterion:
 
 
 class Magnitude(Criterion):
-    """Lp norm (``p`` = 1 or 2) of each channel's producer rows, summed over the group's producers."""
+    """Lp norm (``p`` = 1 or 2) of each channel's producer rows, summed over the group's producers.
+
+    ``per_group=True`` divides each group's scores by their mean, so that layers of different
+    weight scale compete fairly in the global ranking (Torch-Pruning's mean normaliser).
+    """
 
     name = "magnitude"
 
-    def __init__(self, p: int = 1) -> None:
+    def __init__(self, p: int = 1, per_group: bool = False) -> None:
         if isinstance(p, bool) or p not in (1, 2):
             raise ValueError(f"Magnitude: p must be 1 or 2, got {p!r}")
-        self.p = p
+        if not isinstance(per_group, bool):
+            raise ValueError(f"Magnitude: per_group must be True or False, got {per_group!r}")
+        self.p, self.per_group = p, per_group
 
     def __call__(self, structure, batches, loss) -> Scores:
         out = {}
@@ -89,7 +95,8 @@ class Magnitude(Criterion):
             for prod in group.producers:
                 w = structure.model.get_submodule(prod).weight.detach()
                 total = total + w.flatten(1).abs().pow(self.p).sum(1)
-            out[name] = total if self.p == 1 else total.sqrt()
+            total = total if self.p == 1 else total.sqrt()
+            out[name] = total / total.mean().clamp_min(torch.finfo(total.dtype).tiny) if self.per_group else total
         return out
 
 

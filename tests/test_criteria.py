@@ -172,3 +172,19 @@ def test_bn_scale_reads_each_group_s_slice_of_a_shared_norm() -> None:
     scores = lip.score_channels(model, criterion="bn_scale", example_inputs=torch.randn(1, 3, 4, 4))
     assert torch.equal(scores["a"], torch.arange(1.0, 6.0))
     assert torch.equal(scores["b"], torch.arange(6.0, 10.0))
+
+
+def test_magnitude_per_group_is_each_group_s_scores_over_their_mean(tiny) -> None:
+    """Per-group normalisation (as Torch-Pruning's mean normaliser) removes the layers' scale:
+    scaling one layer's weights leaves its normalised scores unchanged."""
+    model, x, _ = tiny
+    raw = lip.score_channels(model, criterion=lip.Magnitude(), example_inputs=x[:1])
+    per_group = lip.score_channels(model, criterion=lip.Magnitude(per_group=True), example_inputs=x[:1])
+    for name, scores in raw.items():
+        torch.testing.assert_close(per_group[name], scores / scores.mean())
+    with torch.no_grad():
+        model.conv1.weight.mul_(10)
+    scaled = lip.score_channels(model, criterion=lip.Magnitude(per_group=True), example_inputs=x[:1])
+    torch.testing.assert_close(scaled["conv1"], per_group["conv1"])
+    with pytest.raises(ValueError, match="per_group"):
+        lip.Magnitude(per_group="yes")
