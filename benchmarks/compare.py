@@ -40,6 +40,9 @@ from lightning_ifprune.models import build_model
 from lightning_ifprune.module import ImageClassifier
 from lightning_ifprune.selection import kept_fraction
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import TPGroupMagnitude, TPGroupTaylor  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.5, 0.3)
 WEIGHT_DECAY = 5e-4
@@ -59,20 +62,21 @@ QUICK_DATA = {"fashion_mnist": dict(train_subset=2000)}
 def criteria(progressive: bool) -> dict[str, tuple[lip.Criterion, dict[str, Any]]]:
     """Row name → (criterion, schedule keyword arguments of the callback)."""
     rounds = dict(start_epoch=0, end_epoch=1, rounds=2)
-    paper = dict(score="paper", probes="ones", inverse="identity", micro_batches=1)
     rows: dict[str, tuple[lip.Criterion, dict[str, Any]]] = {
-        "influence": (lip.Influence(), rounds),
-        "influence_paper": (lip.Influence(**paper), rounds),
+        "influence": (lip.Influence(), rounds),  # the default: the paper's estimator
+        "influence_cg": (lip.Influence(inverse="cg", micro_batches=2), rounds),  # the default before this run
         "fisher": (lip.Fisher(), rounds),
         "taylor": (lip.Taylor(), rounds),
         "magnitude": (lip.Magnitude(), rounds),
         "magnitude_per_group": (lip.Magnitude(per_group=True), rounds),
+        "tp_group_magnitude": (TPGroupMagnitude(), rounds),
+        "tp_group_taylor": (TPGroupTaylor(), rounds),
         "random": (lip.Random(), rounds),
         "loss_drop": (lip.LossDrop(), rounds),
     }
     if progressive:
         rows["influence_paper_progressive"] = (
-            lip.Influence(**paper),
+            lip.Influence(),
             dict(start_epoch=0, rounds=1, every_n_steps=2, channels_per_step=1),
         )
     return rows

@@ -240,9 +240,9 @@ class Influence(Criterion):
         self.options = EstimatorOptions.from_mapping({**options, **fields})
 
     def for_optimizer(self, weight_decay: float) -> Influence:
-        if self.options.weight_decay is None and self.options.inverse == "identity" and weight_decay <= 0:
+        if self.options.weight_decay is None and self.options.needs_decay and weight_decay <= 0:
             raise ValueError(
-                "influence with inverse='identity' needs the optimizer's weight_decay > 0 "
+                "influence with score='retrained' and inverse='identity' needs the optimizer's weight_decay > 0 "
                 "(or Influence(weight_decay=...))"
             )
         return Influence(self.options.with_weight_decay(weight_decay))

@@ -272,16 +272,20 @@ def test_ddp_ranks_stay_identical_and_the_check_can_fail(tmp_path: Path) -> None
     assert broken["per_check"][:3] == [True, True, True] and not broken["identical"]
 
 
-def test_identity_inverse_needs_weight_decay(tmp_path: Path) -> None:
+def test_identity_inverse_without_weight_decay(tmp_path: Path) -> None:
+    """With no optimizer decay the retrained identity score (where 1/λ does not cancel) is refused
+    before anything changes; the default paper score prunes (its ranking does not depend on λ)."""
     module = classifier()
     module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.05)  # no weight decay
-    pruner = lip.InfluencePruningCallback(
-        target_flops=0.5,
-        example_input=EXAMPLE,
-        criterion=lip.Influence(score="paper", inverse="identity"),
-    )
+    before = widths(module)
+    retrained = lip.Influence(score="retrained", probes="rademacher", inverse="identity")
+    pruner = lip.InfluencePruningCallback(target_flops=0.5, example_input=EXAMPLE, criterion=retrained)
     with pytest.raises(ValueError, match="needs the optimizer's weight_decay > 0"):
         cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+    assert widths(module) == before
+    pruner = lip.InfluencePruningCallback(target_flops=0.5, example_input=EXAMPLE)
+    cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
+    assert pruner.finished and widths(module) != before
 
 
 def test_tracing_from_a_training_batch_leaves_the_training_rng_alone(tmp_path: Path) -> None:

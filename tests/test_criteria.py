@@ -122,7 +122,11 @@ def test_criterion_errors(tiny) -> None:
         (lambda: lip.Influence({"micro_batches": 0}), ValueError, "micro_batches"),
         (lambda: lip.Influence(["paper"]), TypeError, "options"),
         (lambda: lip.Influence(score="retrained"), ValueError, "retrained"),
-        (lambda: lip.Influence(inverse="identity", weight_decay=0.0), ValueError, "weight_decay"),
+        (
+            lambda: lip.Influence(score="retrained", probes="exact", inverse="identity", weight_decay=0.0),
+            ValueError,
+            "weight_decay",
+        ),
         (lambda: lip.Magnitude(p=3), ValueError, "p must be"),
         (lambda: lip.Magnitude(p=True), ValueError, "p must be"),
         (lambda: lip.Random(seed=1.5), ValueError, "seed"),

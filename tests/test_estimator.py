@@ -197,15 +197,14 @@ def test_micro_batches_without_norm_layers_give_the_same_scores() -> None:
 
 def test_micro_batches_with_batch_norm_estimate_the_mean_of_the_parts() -> None:
     # With BN, two micro-batches are two half-batch losses (each with its own statistics):
-    # the default's scores are those of the explicit Hessian of their mean.
+    # the scores are those of the explicit Hessian of their mean.
     model, structure, x, y = tiny_setup()
     parts = [explicit_hessian(model, structure, x[i : i + 3], y[i : i + 3], LAM) for i in (0, 3)]
     nw = parts[0][2]
     hess = 0.5 * (parts[0][1] + parts[1][1])
     _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
     expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
-    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM)
-    assert opts.micro_batches == 2
+    opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=2)
     got = estimate(structure, [(x, y)], CE, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, parts[0][4]), expected) <= 1e-8
     whole = estimate(
@@ -236,7 +235,7 @@ def test_micro_batches_never_leave_a_single_sample_for_batch_norm() -> None:
     [
         (dict(score="bogus"), "score must be one of"),
         (dict(score="retrained", probes="ones"), "needs per-channel diagonals"),
-        (dict(inverse="identity", weight_decay=0.0), "weight_decay > 0"),
+        (dict(score="retrained", probes="exact", inverse="identity", weight_decay=0.0), "weight_decay > 0"),
         (dict(num_probes=0), "num_probes"),
         (dict(micro_batches=0), "micro_batches"),
     ],
@@ -257,3 +256,16 @@ def test_sync_batchnorm_is_estimated_per_rank_and_kept() -> None:
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 2
     prune_channels(structure, {"conv1": [0]})  # surgery keeps the synchronised layers
     assert isinstance(synced.bn1, torch.nn.SyncBatchNorm) and synced.bn1.num_features == 3
+
+
+def test_paper_identity_without_weight_decay_is_the_scale_free_score() -> None:
+    """The default (paper score, identity inverse) is |H_mw H_wm 1| / λ. With λ unset (no optimizer
+    decay, or outside a fit) it is taken as 1: the same ranking as any λ > 0. The retrained score,
+    where λ does not cancel, still needs λ."""
+    _, structure, x, y = tiny_setup()
+    free = estimate(structure, [(x, y)], CE, EstimatorOptions()).scores
+    scaled = estimate(structure, [(x, y)], CE, EstimatorOptions(weight_decay=LAM)).scores
+    assert all(torch.allclose(free[k] / LAM, scaled[k], rtol=1e-10, atol=0) for k in free)
+    assert any(bool((free[k] > 0).any()) for k in free)
+    with pytest.raises(ValueError, match="weight_decay > 0"):
+        estimate(structure, [(x, y)], CE, EstimatorOptions(score="retrained", probes="exact", inverse="identity"))

@@ -194,7 +194,7 @@ def apply_inverse(
     lam = opts.decay
     b = project(b, trainable)
     if opts.inverse == "identity":
-        return {k: v / lam for k, v in b.items()}
+        return {k: v * opts.identity_scale for k, v in b.items()}
     shift = lam + opts.damping
 
     def apply(u: Tensors) -> Tensors:

@@ -29,21 +29,23 @@ class EstimatorOptions:
     H_ww + δI) or ``neumann`` (``neumann_terms`` terms). ``weight_decay`` is λ; ``None``
     means "the optimizer's" inside the callback and 0 elsewhere.
     ``micro_batches``: each batch is split into this many parts, of two samples at least.
-    With 1, one double-backward graph serves every product (fastest, about 3.3× a training
-    step's peak memory); with 2 (the default) each product re-runs the halves, for about
-    2.1× a training step's memory and 1.4× the time. Norm layers then see half-batch
-    statistics.
+    With 1 (the default) one double-backward graph serves every product (fastest, about 3.3×
+    a training step's peak memory); with 2 each product re-runs the halves, for about 2.1× a
+    training step's memory and 1.4× the time. Norm layers then see half-batch statistics.
 
-    Defaults (paper score, all-ones direction, CG inverse, two micro-batches) are the measured
-    trade-off: on the fidelity benchmark they match the best baselines at 12 products per
-    batch, within 0.07 Spearman of the best (and 20× costlier) ``retrained`` configuration,
-    which prunes worse end to end on digits; see README "Results".
+    Defaults are the paper's estimator (paper score, all-ones direction, identity inverse,
+    whole batches): chosen by ``benchmarks/compare.py`` as the cheapest influence
+    configuration never significantly behind the best criterion on digits and Fashion-MNIST
+    (README "Results"), although its single-channel fidelity is the lowest of the influence
+    configurations. With the identity inverse the paper score is |H_mw H_wm 1| / λ, so its
+    ranking does not depend on λ: when λ is unset or the optimizer has none, 1/λ is taken as 1.
+    The ``retrained`` score does depend on λ and needs it.
 
     Every field is checked here, its type included; errors name the field.
     """
 
     score: str = "paper"
-    inverse: str = "cg"
+    inverse: str = "identity"
     probes: str = "ones"
     num_probes: int = 16
     probe_batch: int = 1
@@ -52,7 +54,7 @@ class EstimatorOptions:
     cg_iters: int = 10
     neumann_terms: int = 20
     neumann_scale: float = 0.05
-    micro_batches: int = 2
+    micro_batches: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,8 +77,10 @@ class EstimatorOptions:
             raise ValueError(
                 "EstimatorOptions: score='retrained' needs per-channel diagonals: use probes='rademacher' or 'exact'"
             )
-        if self.inverse == "identity" and self.weight_decay is not None and self.weight_decay <= 0:
-            raise ValueError("EstimatorOptions: inverse='identity' uses 1/weight_decay: give weight_decay > 0")
+        if self.needs_decay and self.weight_decay is not None and self.weight_decay <= 0:
+            raise ValueError(
+                "EstimatorOptions: score='retrained' with inverse='identity' uses 1/weight_decay: give weight_decay > 0"
+            )
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> EstimatorOptions:
@@ -97,3 +101,13 @@ class EstimatorOptions:
     def decay(self) -> float:
         """λ as a number (0 when unset)."""
         return self.weight_decay or 0.0
+
+    @property
+    def needs_decay(self) -> bool:
+        """Whether these options cannot score without λ > 0 (the identity inverse of the retrained score)."""
+        return self.inverse == "identity" and self.score == "retrained"
+
+    @property
+    def identity_scale(self) -> float:
+        """The identity inverse's 1/λ; 1 when λ is unset (the paper score's ranking is λ-free)."""
+        return 1.0 / self.decay if self.decay > 0 else 1.0

@@ -89,9 +89,9 @@ def estimate(
     model's device, in float32 (float64 for float64 models), never under autocast.
     """
     opts = options or EstimatorOptions()
-    if opts.inverse == "identity" and opts.decay <= 0:
+    if opts.needs_decay and opts.decay <= 0:
         raise ValueError(
-            "influence with inverse='identity' uses 1/weight_decay: give weight_decay > 0 "
+            "influence with score='retrained' and inverse='identity' uses 1/weight_decay: give weight_decay > 0 "
             "(the callback takes the optimizer's)"
         )
     model = structure.model
