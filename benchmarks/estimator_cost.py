@@ -115,7 +115,7 @@ class Mode:
 
 
 def _est(score: str, probes: str, inverse: str, **extra: Any) -> dict[str, Any]:
-    """Options of a measured mode: one micro-batch (one graph for all products, the fastest)."""
+    """Options of a measured mode: one micro-batch (one graph for all products, the fastest) unless given."""
     return {
         "score": score,
         "probes": probes,
@@ -138,6 +138,7 @@ MODES: tuple[Mode, ...] = (
     Mode("fisher", "criterion", {"criterion": "fisher"}),
     Mode("paper/ones/identity", "estimator", _est("paper", "ones", "identity")),
     Mode(DEFAULT_MODE, "estimator", {"weight_decay": WEIGHT_DECAY}),
+    Mode("previous default: paper/ones/cg10 mb2", "estimator", _est("paper", "ones", "cg", micro_batches=2)),
     Mode("paper/ones/cg10", "estimator", _est("paper", "ones", "cg", cg_iters=10)),
     Mode("paper/ones/neumann20", "estimator", _est("paper", "ones", "neumann", neumann_terms=20)),
     Mode(
