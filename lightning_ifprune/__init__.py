@@ -27,6 +27,7 @@ from lightning_ifprune.criteria import (
 )
 from lightning_ifprune.estimator import EstimatorOptions, estimate
 from lightning_ifprune.functional import PruneReport, prune_to_target
+from lightning_ifprune.latency import LatencyModel, fix_glibc_malloc
 from lightning_ifprune.loss import LossClosure, supervised
 from lightning_ifprune.optim import repoint_optimizer
 from lightning_ifprune.selection import Baseline
@@ -53,6 +54,7 @@ __all__ = [
     "Fisher",
     "Influence",
     "InfluencePruningCallback",
+    "LatencyModel",
     "LossClosure",
     "LossDrop",
     "Magnitude",
@@ -65,6 +67,7 @@ __all__ = [
     "UnsupportedModelError",
     "channel_masks",
     "estimate",
+    "fix_glibc_malloc",
     "load_pruned_checkpoint",
     "prune_channels",
     "prune_to_target",

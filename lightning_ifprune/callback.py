@@ -45,6 +45,7 @@ from lightning_ifprune.fit_loop import (
     scoring_progress,
     trace_example,
 )
+from lightning_ifprune.latency import LatencyModel
 from lightning_ifprune.loss import LossClosure, OutputsTargetsLoss, resolve_loss
 from lightning_ifprune.optim import repoint_optimizer
 from lightning_ifprune.schedule import PruningSchedule, check_int
@@ -53,6 +54,7 @@ from lightning_ifprune.selection import (
     Baseline,
     baseline_of,
     check_reachable,
+    check_round_to,
     kept_fraction,
     parse_target,
     select_channels,
@@ -65,8 +67,13 @@ class InfluencePruningCallback(Callback):
     """Prune channels globally during ``fit``, physically, and keep fine-tuning.
 
     Args:
-        target_flops / target_params / target_channels: the fraction of the original model
-            to keep (exactly one).
+        target_flops / target_params / target_channels / target_latency: the fraction of the
+            original model to keep (exactly one). ``target_latency`` is measured latency: a
+            :class:`~lightning_ifprune.latency.LatencyModel` timed at fit start on the model's
+            device at ``latency_batch_size`` (cached on disk), whose per-channel savings
+            replace FLOPs in the selection.
+        round_to: every pruned group keeps a multiple of it (rounded down, never below
+            ``min_channels``, the target still met). Default None (best on CPU); 8 suits GPUs.
         start_epoch, end_epoch, rounds, split, every_n_steps, channels_per_step: the
             schedule (:class:`~lightning_ifprune.schedule.PruningSchedule`): ``rounds`` rounds
             at epoch starts from ``start_epoch`` to ``end_epoch``, or progressive steps of
@@ -93,6 +100,9 @@ class InfluencePruningCallback(Callback):
         target_params: float | None = None,
         target_channels: float | None = None,
         *,
+        target_latency: float | None = None,
+        latency_batch_size: int = 64,
+        round_to: int | None = None,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         rounds: int = 1,
@@ -110,7 +120,10 @@ class InfluencePruningCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.resource, self.target = parse_target(target_flops, target_params, target_channels)
+        self.resource, self.target = parse_target(target_flops, target_params, target_channels, target_latency)
+        check_int("latency_batch_size", latency_batch_size, 1)
+        self.latency_batch_size, self.round_to = latency_batch_size, check_round_to(round_to)
+        self.latency_model: LatencyModel | None = None
         self.schedule = PruningSchedule(start_epoch, end_epoch, rounds, split, every_n_steps, channels_per_step)
         self.criterion = resolve_criterion(criterion)
         check_int("num_batches", num_batches, 1)
@@ -154,14 +167,19 @@ class InfluencePruningCallback(Callback):
         structure = self._structure(pl_module, example)
         if not structure.groups:
             raise ValueError("InfluencePruningCallback: the model has no prunable channel group")
+        if self.resource == "latency" and self.latency_model is None:
+            progress = self.verbose and trainer.is_global_zero
+            built = LatencyModel.build(structure, self.latency_batch_size, progress=progress)
+            self.latency_model = trainer.strategy.broadcast(built, src=0)  # every rank decides alike
         if self.baseline is None:
             if recorded_history(pl_module)[0]:
                 raise ValueError("the module is already pruned; resume from its checkpoint instead")
-            self.baseline = baseline_of(structure)
+            self.baseline = baseline_of(structure, self.latency_model)
             self.original_sizes = structure.widths()
             structure = self._structure(pl_module, example)  # min_channels of the original widths
         hint = f" (min_channels={self.min_channels!r}, ignored_layers={list(self.ignored_layers)})"
-        check_reachable(structure, self.resource, self.target, self.baseline, hint)
+        check_reachable(structure, self.resource, self.target, self.baseline, hint,
+                        latency=self.latency_model, round_to=self.round_to)  # fmt: skip
         self._scorer = for_optimizer(self.criterion, optimizer_weight_decay(trainer))
         overrun = None if self.finished else self.schedule.overrun(trainer.max_epochs)
         if overrun:
@@ -172,7 +190,7 @@ class InfluencePruningCallback(Callback):
         if self.finished or self.baseline is None:
             return
         structure = self._structure(pl_module, self._example(trainer, pl_module))
-        kept = kept_fraction(structure, self.resource, self.baseline)
+        kept = kept_fraction(structure, self.resource, self.baseline, self.latency_model)
         self.finished = kept <= self.target
         if not self.finished:
             rank_zero_warn(
@@ -241,7 +259,15 @@ class InfluencePruningCallback(Callback):
     def _config(self) -> dict[str, Any]:
         """What a checkpoint remembers of the configuration, to tell a resume that changed it."""
         return dict(resource=self.resource, target=self.target, criterion=criterion_name(self.criterion),
-                    **vars(self.schedule))  # fmt: skip
+                    round_to=self.round_to, **vars(self.schedule))  # fmt: skip
+
+    def latency_ms(self, pl_module: LightningModule) -> float | None:
+        """The latency model's prediction (ms per batch) for ``pl_module`` now; None without a latency target."""
+        if self.latency_model is None or self.example_input is None:
+            return None
+        ref = next(pl_module.parameters())
+        example = to_compute(self.example_input, ref.device, ref.dtype)
+        return self.latency_model.predict(self._structure(pl_module, example))
 
     def _round(
         self,
@@ -254,7 +280,7 @@ class InfluencePruningCallback(Callback):
         start = time.perf_counter()
         example = self._example(trainer, pl_module)
         structure = self._structure(pl_module, example)
-        if kept_fraction(structure, self.resource, self.baseline) <= self.target:
+        if kept_fraction(structure, self.resource, self.baseline, self.latency_model) <= self.target:
             self.finished = True
             return SurgeryResult()
         batches = draw_batches(trainer, pl_module, self.num_batches) if needs_data(self._scorer) else []
@@ -273,6 +299,8 @@ class InfluencePruningCallback(Callback):
             self.normalize,
             self.baseline,
             max_channels=count,
+            latency=self.latency_model,
+            round_to=self.round_to,
         )
         plan = trainer.strategy.broadcast(plan, src=0)
         if not plan:
@@ -285,6 +313,9 @@ class InfluencePruningCallback(Callback):
         elapsed = time.perf_counter() - start
         self.round_times.append(elapsed)
         metrics = round_metrics(structure, result.removed, scores, self.baseline, elapsed)
+        if self.latency_model is not None and self.baseline.latency:
+            metrics["prune/latency_ms"] = self.latency_model.predict(structure, result.removed)
+            metrics["prune/latency_kept"] = metrics["prune/latency_ms"] / self.baseline.latency
         log_metrics(trainer, metrics, announce=self.verbose and not self.schedule.progressive)
         return result
 

@@ -1,18 +1,21 @@
 """The functional API: score, select and remove in one call, without Lightning.
 
 ``scores = score_channels(model, batches, loss_fn=F.cross_entropy)`` then
-``prune_to_target(model, scores, flops=0.5)``; see README "Functional API".
+``prune_to_target(model, scores, flops=0.5)`` (or ``latency=0.5``: a measured latency
+target, see README "Latency"); see README "Functional API".
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lightning_ifprune.selection import Baseline, parse_target, select_channels
+from lightning_ifprune.latency import LatencyModel
+from lightning_ifprune.selection import Baseline, check_round_to, parse_target, select_channels
 from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
 from lightning_ifprune.surgery import prune_channels
 
@@ -28,6 +31,8 @@ class PruneReport:
     channels_before: dict[str, int]
     channels_after: dict[str, int]
     plan: dict[str, list[int]]
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
 
 
 def prune_to_target(
@@ -42,15 +47,26 @@ def prune_to_target(
     ignored_layers: Iterable[str | nn.Module] = (),
     min_channels: int | float = 1,
     baseline: Baseline | None = None,
+    latency: float | None = None,
+    latency_batch_size: int = 64,
+    latency_model: LatencyModel | None = None,
+    latency_cache_dir: str | Path | None = None,
+    round_to: int | None = None,
 ) -> PruneReport:
-    """Prune ``model`` in place to at most the given fraction of its FLOPs, params or channels.
+    """Prune ``model`` in place to at most the given fraction of its FLOPs, params, channels
+    or measured latency.
 
     ``scores`` maps group names to per-channel scores (lower = prune first), e.g. from
     :func:`lightning_ifprune.score_channels`, whose result also carries the example inputs.
-    Fractions refer to ``baseline`` (default: the model as it is now). Nothing changes if
-    the target is unreachable or the scores are malformed.
+    Fractions refer to ``baseline`` (default: the model as it is now). ``latency=`` uses
+    ``latency_model``, or builds one (:meth:`LatencyModel.build`: batches of
+    ``latency_batch_size`` on the model's device, cached in ``latency_cache_dir``); the
+    report then carries the predicted latency before and after. ``round_to`` leaves every
+    pruned group at a multiple of it (8 suits GPUs; None, the default, suits CPUs).
+    Nothing changes if the target is unreachable or the scores are malformed.
     """
-    resource, fraction = parse_target(flops, params, channels)
+    resource, fraction = parse_target(flops, params, channels, latency)
+    check_round_to(round_to)
     if example_inputs is None:
         example_inputs = getattr(scores, "example_inputs", None)
     if example_inputs is None:
@@ -61,10 +77,17 @@ def prune_to_target(
         ignored_layers=ignored_layers,
         min_channels=min_channels,
     )
-    plan = select_channels(structure, scores, resource, fraction, normalize, baseline)
+    if resource == "latency" and latency_model is None:
+        latency_model = LatencyModel.build(structure, latency_batch_size, cache_dir=latency_cache_dir)
+    plan = select_channels(
+        structure, scores, resource, fraction, normalize, baseline, latency=latency_model, round_to=round_to
+    )
     flops_before, params_before = structure.cost()
     before = structure.widths()
     result = prune_channels(structure, plan)
     flops_after, params_after = structure.cost(result.removed)
     after = {n: w - result.removed.get(n, 0) for n, w in before.items()}
-    return PruneReport(flops_before, flops_after, params_before, params_after, before, after, result.plan)
+    ms = (None, None)
+    if latency_model is not None:
+        ms = (latency_model.predict(structure), latency_model.predict(structure, result.removed))
+    return PruneReport(flops_before, flops_after, params_before, params_after, before, after, result.plan, *ms)

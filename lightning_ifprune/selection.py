@@ -3,8 +3,11 @@
 Scores from any criterion (lower = less important) are normalised by each channel's cost in
 the targeted resource — none, the cost, or its square root (the reference's choice) — and
 ranked across all groups at once. The number of channels taken is the least that brings
-the exact cost model to the target, so the result is at most the target and within one
-channel's cost of it.
+the cost model to the target (exact for FLOPs, params and channels; the measured
+:class:`~lightning_ifprune.latency.LatencyModel` for latency), so the result is at most the
+target and within one channel's cost of it. With ``round_to``, every group that loses
+channels keeps a multiple of ``round_to`` (rounded down, never below its minimum), and the
+target still holds after rounding.
 """
 
 from __future__ import annotations
@@ -14,44 +17,91 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_ifprune.latency import LatencyModel
 from lightning_ifprune.structure import ChannelStructure
 
 NORMALIZATIONS = ("none", "cost", "sqrt")
-RESOURCES = ("flops", "params", "channels")
+RESOURCES = ("flops", "params", "channels", "latency")
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """The model size that target fractions refer to (usually the unpruned model)."""
+    """The model size that target fractions refer to (usually the unpruned model);
+    ``latency`` (predicted ms per batch) only when latency is targeted."""
 
     flops: int
     params: int
     channels: int
+    latency: float | None = None
 
 
-def baseline_of(structure: ChannelStructure) -> Baseline:
-    """The structure's current size as a :class:`Baseline`."""
+def baseline_of(structure: ChannelStructure, latency: LatencyModel | None = None) -> Baseline:
+    """The structure's current size as a :class:`Baseline` (with its predicted latency if given a model)."""
     flops, params = structure.cost()
-    return Baseline(flops, params, sum(structure.widths().values()))
+    ms = None if latency is None else latency.predict(structure)
+    return Baseline(flops, params, sum(structure.widths().values()), ms)
 
 
-def parse_target(flops: float | None, params: float | None, channels: float | None) -> tuple[str, float]:
+def parse_target(
+    flops: float | None, params: float | None, channels: float | None, latency: float | None = None
+) -> tuple[str, float]:
     """Exactly one target fraction in (0, 1]: returns (resource, fraction)."""
-    given = [(name, v) for name, v in zip(RESOURCES, (flops, params, channels), strict=True) if v is not None]
+    values = (flops, params, channels, latency)
+    given = [(name, v) for name, v in zip(RESOURCES, values, strict=True) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of flops=, params=, channels= (got {[n for n, _ in given] or 'none'})")
+        raise ValueError(
+            f"give exactly one of flops=, params=, channels=, latency= (got {[n for n, _ in given] or 'none'})"
+        )
     name, value = given[0]
     if isinstance(value, bool) or not 0 < float(value) <= 1:
         raise ValueError(f"target {name}={value!r} must be a fraction in (0, 1]")
     return name, float(value)
 
 
-def resource_size(structure: ChannelStructure, resource: str, removed: Mapping[str, int]) -> int:
-    """MACs, parameters or channels of the model after removing ``removed[g]`` channels per group."""
+def check_round_to(round_to: int | None) -> int | None:
+    """``round_to`` must be None or a positive int."""
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be None or a positive int (e.g. 8), got {round_to!r}")
+    return round_to
+
+
+def resource_size(
+    structure: ChannelStructure,
+    resource: str,
+    removed: Mapping[str, int],
+    latency: LatencyModel | None = None,
+) -> float:
+    """MACs, parameters, channels or predicted latency (ms) after removing ``removed[g]`` channels per group."""
     if resource == "channels":
         return sum(structure.widths().values()) - sum(removed.values())
+    if resource == "latency":
+        return _need_latency(latency).predict(structure, removed)
     flops, params = structure.cost(removed)
     return flops if resource == "flops" else params
+
+
+def _need_latency(latency: LatencyModel | None) -> LatencyModel:
+    if latency is None:
+        raise ValueError("a latency target needs a LatencyModel (lightning_ifprune.latency.LatencyModel.build)")
+    return latency
+
+
+def rounded(structure: ChannelStructure, removed: Mapping[str, int], round_to: int | None) -> dict[str, int]:
+    """``removed`` with every group that loses channels left at a multiple of ``round_to``:
+    kept widths rounded down, but up to the smallest multiple at or above ``min_keep``
+    (no removal if that is the whole group)."""
+    if not round_to:
+        return {n: k for n, k in removed.items() if k}
+    out = {}
+    for name, k in removed.items():
+        group = structure.groups[name]
+        if not k:
+            continue
+        kept = (group.size - k) // round_to * round_to
+        kept = max(kept, -(-group.min_keep // round_to) * round_to)
+        if kept < group.size:
+            out[name] = group.size - kept
+    return out
 
 
 def _check_scores(structure: ChannelStructure, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -70,21 +120,39 @@ def _check_scores(structure: ChannelStructure, scores: Mapping[str, torch.Tensor
     return out
 
 
-def kept_fraction(structure: ChannelStructure, resource: str, baseline: Baseline) -> float:
+def kept_fraction(
+    structure: ChannelStructure, resource: str, baseline: Baseline, latency: LatencyModel | None = None
+) -> float:
     """How much of ``baseline``'s ``resource`` the structure's model has now."""
-    return resource_size(structure, resource, {}) / getattr(baseline, resource)
+    return resource_size(structure, resource, {}, latency) / _reference(baseline, resource)
+
+
+def _reference(baseline: Baseline, resource: str) -> float:
+    value = getattr(baseline, resource)
+    if value is None:
+        raise ValueError(f"the baseline has no {resource} (it was recorded without a latency model)")
+    return value
 
 
 def check_reachable(
-    structure: ChannelStructure, resource: str, fraction: float, baseline: Baseline, hint: str = ""
+    structure: ChannelStructure,
+    resource: str,
+    fraction: float,
+    baseline: Baseline,
+    hint: str = "",
+    *,
+    latency: LatencyModel | None = None,
+    round_to: int | None = None,
 ) -> None:
     """Raise ``ValueError`` unless removing every removable channel (each group down to its
-    ``min_keep``) brings ``resource`` to ``fraction`` of ``baseline``; ``hint`` says why not."""
-    removable = {n: g.size - g.min_keep for n, g in structure.groups.items()}
-    smallest = resource_size(structure, resource, removable) / getattr(baseline, resource)
+    ``min_keep``, then to a multiple of ``round_to``) brings ``resource`` to ``fraction`` of
+    ``baseline``; ``hint`` says why not."""
+    removable = rounded(structure, {n: g.size - g.min_keep for n, g in structure.groups.items()}, round_to)
+    smallest = resource_size(structure, resource, removable, latency) / _reference(baseline, resource)
     if smallest > fraction:
+        rounding = f" with widths rounded to multiples of {round_to}" if round_to else ""
         raise ValueError(
-            f"target {resource}={fraction:g} is unreachable: removing every removable channel "
+            f"target {resource}={fraction:g} is unreachable: removing every removable channel{rounding} "
             f"leaves {smallest:.3f} of the baseline{hint}"
         )
 
@@ -97,50 +165,57 @@ def select_channels(
     normalize: str = "sqrt",
     baseline: Baseline | None = None,
     max_channels: int | None = None,
+    *,
+    latency: LatencyModel | None = None,
+    round_to: int | None = None,
 ) -> dict[str, list[int]]:
     """The plan that brings ``resource`` to at most ``fraction`` of ``baseline``.
 
     With ``max_channels``, at most that many of the lowest-ranked channels are taken (one
-    progressive step toward the target). Raises ``ValueError`` if the target cannot be
-    reached within the groups' minimums.
+    progressive step toward the target; ``round_to`` may then add a group's next-ranked
+    channels to reach a multiple). A latency target needs ``latency``: each channel's
+    latency saving (:meth:`LatencyModel.channel_savings`) takes the place of its FLOPs.
+    Raises ``ValueError`` if the target cannot be reached within the groups' minimums.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if resource not in RESOURCES:
         raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
+    check_round_to(round_to)
+    if resource == "latency":
+        _need_latency(latency)
     checked = _check_scores(structure, scores)
-    baseline = baseline or baseline_of(structure)
-    limit = fraction * getattr(baseline, resource)
+    baseline = baseline or baseline_of(structure, latency)
+    limit = fraction * _reference(baseline, resource)
 
-    def size(removed: Mapping[str, int]) -> int:
-        return resource_size(structure, resource, removed)
+    def size(removed: Mapping[str, int]) -> float:
+        return resource_size(structure, resource, removed, latency)
 
     if size({}) <= limit:
         return {}
-    check_reachable(structure, resource, fraction, baseline)
-    unit = structure.channel_costs()
+    check_reachable(structure, resource, fraction, baseline, latency=latency, round_to=round_to)
+    unit = _unit_costs(structure, resource, latency)
     power = {"none": 0.0, "cost": 1.0, "sqrt": 0.5}[normalize]
     keys, values = [], []
-    for gi, (name, s) in enumerate(checked.items()):
-        cost = 1.0 if resource == "channels" else float(unit[name][0 if resource == "flops" else 1])
-        norm = s / max(cost, 1e-12) ** power
-        for idx in range(s.numel()):
-            keys.append((gi, idx, name))
-        values.append(norm)
+    for name, s in checked.items():
+        keys.extend((name, idx) for idx in range(s.numel()))
+        values.append(s / max(unit[name], 1e-12) ** power)
     order = torch.argsort(torch.cat(values), stable=True).tolist()
     room = {n: g.size - g.min_keep for n, g in structure.groups.items()}
-    admissible: list[tuple[str, int]] = []
+    admissible: list[str] = []  # group of each admissible channel, in rank order
+    ranked: dict[str, list[int]] = {n: [] for n in structure.groups}  # per group, its channels in rank order
     for k in order:
-        _, idx, name = keys[k]
+        name, idx = keys[k]
+        ranked[name].append(idx)
         if room[name] > 0:
             room[name] -= 1
-            admissible.append((name, idx))
+            admissible.append(name)
 
     def counts(n: int) -> dict[str, int]:
         out: dict[str, int] = {}
-        for name, _ in admissible[:n]:
+        for name in admissible[:n]:
             out[name] = out.get(name, 0) + 1
-        return out
+        return rounded(structure, out, round_to)
 
     lo, hi = 0, len(admissible)  # size(counts(hi)) <= limit < size(counts(lo))
     while hi - lo > 1:
@@ -151,7 +226,14 @@ def select_channels(
             lo = mid
     if max_channels is not None:
         hi = min(hi, max_channels)
-    plan: dict[str, list[int]] = {}
-    for name, idx in admissible[:hi]:
-        plan.setdefault(name, []).append(idx)
-    return {n: sorted(v) for n, v in plan.items()}
+    return {name: sorted(ranked[name][:k]) for name, k in counts(hi).items()}
+
+
+def _unit_costs(structure: ChannelStructure, resource: str, latency: LatencyModel | None) -> dict[str, float]:
+    """What removing one channel of each group saves in ``resource``."""
+    if resource == "channels":
+        return dict.fromkeys(structure.groups, 1.0)
+    if resource == "latency":
+        return _need_latency(latency).channel_savings(structure)
+    col = 0 if resource == "flops" else 1
+    return {n: float(c[col]) for n, c in structure.channel_costs().items()}

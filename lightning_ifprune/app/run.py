@@ -129,6 +129,10 @@ def train(cfg: DictConfig) -> dict:
         "params": after.params / before.params,
         "channels": sum(after.channels.values()) / max(sum(before.channels.values()), 1),
     }
+    predicted = (None, None)
+    if pruner is not None and pruner.baseline is not None and pruner.baseline.latency:
+        predicted = (pruner.baseline.latency, pruner.latency_ms(module))
+        kept["latency"] = predicted[1] / predicted[0]
     device = tester.strategy.root_device
     summary = RunSummary(
         model=cfg.model.name,
@@ -159,6 +163,8 @@ def train(cfg: DictConfig) -> dict:
         latency_threads=torch.get_num_threads() if device.type == "cpu" else None,
         latency_before_ms=before.latency_ms,
         latency_after_ms=after.latency_ms,
+        latency_predicted_before_ms=predicted[0],
+        latency_predicted_after_ms=predicted[1],
         prune_rounds=len(pruner.round_times) if pruner is not None else 0,
         pruning_finished_epoch=None if monitor is None else monitor.epoch,
         epochs_pretrain=pre.epochs,

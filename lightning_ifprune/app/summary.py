@@ -55,7 +55,9 @@ class RunSummary:
     ``test_acc_before`` is the network phase 2 starts pruning; ``test_acc_pruned`` the one
     right after the last round (before further training); ``test_acc_after`` the final one.
     ``dense_*`` describe the freshly built net; ``latency_*`` the median eval forward time of
-    a ``latency_batch_size`` batch on ``latency_device`` (``latency_threads`` CPU threads).
+    a ``latency_batch_size`` batch on ``latency_device`` (``latency_threads`` CPU threads);
+    with a latency target, ``latency_predicted_*`` are the pruner's latency model's predictions
+    for the same nets (at the pruner's ``latency_batch_size``), to set beside the measurements.
     Wall times: ``wall_prune_s`` the pruning rounds, ``wall_finetune_s`` training after and
     between rounds, ``wall_s`` the whole run.
     """
@@ -88,6 +90,8 @@ class RunSummary:
     latency_threads: int | None
     latency_before_ms: float | None
     latency_after_ms: float | None
+    latency_predicted_before_ms: float | None
+    latency_predicted_after_ms: float | None
     prune_rounds: int
     pruning_finished_epoch: int | None
     epochs_pretrain: int

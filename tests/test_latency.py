@@ -1,0 +1,230 @@
+"""The measured latency cost model, latency targets and ``round_to`` (no timing: a fake timer)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _lit import classifier, cpu_trainer, loader
+from torch import nn
+
+import lightning_ifprune as lip
+import lightning_ifprune.app
+from lightning_ifprune import latency as lat
+from lightning_ifprune.latency import LatencyEnv, LatencyModel, LayerGrid, grid_axis
+from lightning_ifprune.models import build_model, resnet20
+from lightning_ifprune.selection import baseline_of, parse_target, resource_size, select_channels
+from lightning_ifprune.structure import ChannelStructure
+
+ENV = LatencyEnv("cpu:test", 1, torch.__version__)
+
+
+class FakeTimer:
+    """A deterministic stand-in for the timer: 'seconds' from a layer's work (the whole model:
+    1.1 × the sum over its layers, so something is left for the constant), calls counted."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        self.calls.append(type(module).__name__)
+        layer = isinstance(module, (nn.Conv2d, nn.Linear)) or (
+            isinstance(module, nn.Sequential) and isinstance(module[0], nn.modules.batchnorm._BatchNorm)
+        )
+        if layer:
+            with torch.no_grad():
+                return self.work(module, (x,), module(x))
+        total = []
+        parts = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+        hooks = [m.register_forward_hook(lambda m, i, o: total.append(self.work(m, i, o))) for m in parts]
+        with torch.no_grad():
+            module(x)
+        for h in hooks:
+            h.remove()
+        return 1.1 * sum(total) + 1e-5
+
+    @staticmethod
+    def work(module: nn.Module, inputs: tuple, y: torch.Tensor) -> float:
+        x = inputs[0]
+        positions = max(y[0].numel() // y.shape[1], 1)
+        return 1e-9 * sum(p.numel() for p in module.parameters()) * x.shape[0] * positions + 1e-8 * (
+            x.numel() + y.numel()
+        )
+
+
+def cnn(widths: tuple[int, ...] = (16, 32, 32)) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_model("small_cnn", num_classes=10, in_channels=1, widths=widths).eval(), torch.zeros(1, 1, 8, 8)
+
+
+def latency_model(model: nn.Module, example: torch.Tensor, tmp_path: Path, **kwargs) -> LatencyModel:
+    structure = ChannelStructure.build(model, example)
+    options = {"cache_dir": tmp_path, "env": ENV, "measure": FakeTimer(), "progress": False, "batch_size": 8}
+    return LatencyModel.build(structure, **{**options, **kwargs})
+
+
+def layer_calls(timer: FakeTimer, model: nn.Module) -> int:
+    return sum(name != type(model).__name__ for name in timer.calls)
+
+
+def test_cache_is_keyed_by_environment_and_layer_signature(tmp_path: Path) -> None:
+    model, example = cnn()
+    structure = ChannelStructure.build(model, example)
+
+    def build(env: LatencyEnv = ENV, batch_size: int = 8) -> FakeTimer:
+        timer = FakeTimer()
+        LatencyModel.build(structure, batch_size, cache_dir=tmp_path, measure=timer, env=env, progress=False)
+        return timer
+
+    first = build()
+    assert layer_calls(first, model) > 0 and first.calls.count(type(model).__name__) == 1
+    assert layer_calls(build(), model) == 0  # everything from the cache; only the whole model is timed
+    saved = json.loads((tmp_path / f"{ENV.key()}.json").read_text())
+    assert saved["env"]["device"] == "cpu:test" and len(saved["points"]) == layer_calls(first, model)
+    for other in (
+        LatencyEnv("cpu:test", 2, torch.__version__),
+        LatencyEnv("cuda:Other GPU", 1, torch.__version__),
+        LatencyEnv("cpu:test", 1, "0.0"),
+        LatencyEnv("cpu:test", 1, torch.__version__, "libjemalloc.so"),
+    ):
+        assert layer_calls(build(other), model) == layer_calls(first, model), other
+    assert layer_calls(build(batch_size=4), model) == layer_calls(first, model)  # batch size is in the signature
+
+
+def test_current_environment_follows_the_thread_count(keep_torch_threads) -> None:
+    torch.set_num_threads(1)
+    one = LatencyEnv.current(torch.device("cpu"))
+    torch.set_num_threads(2)
+    two = LatencyEnv.current(torch.device("cpu"))
+    assert (one.threads, two.threads) == (1, 2) and one.key() != two.key()
+
+
+def test_grid_interpolates_bilinearly_and_clamps() -> None:
+    grid = LayerGrid("sig", [1, 3], [2, 4], [[1.0, 3.0], [5.0, 7.0]])
+    assert grid(1, 2) == 1.0 and grid(3, 4) == 7.0
+    assert grid(2, 3) == pytest.approx(4.0)
+    assert grid(0, 9) == 3.0 and grid(5, 1) == 5.0
+    assert grid_axis(16, True) == [1, 5, 8, 12, 16] and grid_axis(3, False) == [3]
+    assert all(w % 4 == 0 for w in grid_axis(32, True, multiple=4))
+
+
+def test_prediction_matches_the_measured_model_and_shrinks_with_widths(tmp_path: Path) -> None:
+    model, example = cnn()
+    lm = latency_model(model, example, tmp_path)
+    structure = ChannelStructure.build(model, example)
+    assert lm.predict(structure) == pytest.approx(lm.measured_ms)
+    half = {n: g.size // 2 for n, g in structure.groups.items()}
+    assert lm.predict(structure, half) < lm.predict(structure)
+    assert all(s > 0 for s in lm.channel_savings(structure).values())
+    assert lm.layers["features.0"].ins == [1]  # the input's 1 channel is not prunable
+
+
+def test_parse_target_and_selection_arguments(tmp_path: Path) -> None:
+    assert parse_target(None, None, None, 0.5) == ("latency", 0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        parse_target(0.5, None, None, 0.5)
+    model, example = cnn()
+    structure = ChannelStructure.build(model, example)
+    scores = {n: torch.rand(g.size) for n, g in structure.groups.items()}
+    with pytest.raises(ValueError, match="needs a LatencyModel"):
+        select_channels(structure, scores, "latency", 0.5)
+    with pytest.raises(ValueError, match="round_to"):
+        select_channels(structure, scores, "flops", 0.5, round_to=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        LatencyModel.build(structure, 0, cache_dir=tmp_path, measure=FakeTimer(), env=ENV)
+
+
+@pytest.mark.parametrize("resource", ["flops", "latency", "channels"])
+def test_round_to_never_overshoots_and_keeps_multiples(resource: str, tmp_path: Path) -> None:
+    model, example = resnet20().eval(), torch.zeros(1, 3, 32, 32)
+    structure = ChannelStructure.build(model, example, min_channels=3)
+    lm = latency_model(model, example, tmp_path)
+    base = baseline_of(structure, lm)
+    torch.manual_seed(1)
+    scores = {n: torch.rand(g.size) for n, g in structure.groups.items()}
+    for round_to in (4, 8):
+        for fraction in (0.3, 0.5, 0.7, 0.9):
+            plan = select_channels(structure, scores, resource, fraction, "sqrt", latency=lm, round_to=round_to)
+            removed = {n: len(v) for n, v in plan.items()}
+            assert resource_size(structure, resource, removed, lm) <= fraction * getattr(base, resource)
+            for name, k in removed.items():
+                kept = structure.groups[name].size - k
+                assert kept % round_to == 0 and kept >= structure.groups[name].min_keep, (name, kept)
+                assert plan[name] == sorted(set(plan[name]))
+
+
+def test_impossible_latency_target_raises_before_the_model_changes(tmp_path: Path, state_snapshot) -> None:
+    model, example = cnn()
+    lm = latency_model(model, example, tmp_path)
+    scores = lip.score_channels(model, criterion="magnitude", example_inputs=example)
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match="latency=0.01 is unreachable"):
+        lip.prune_to_target(model, scores, latency=0.01, latency_model=lm, min_channels=0.5)
+    with pytest.raises(ValueError, match="rounded to multiples of 16"):
+        lip.prune_to_target(model, scores, latency=0.3, latency_model=lm, round_to=16)
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("round_to", [None, 8])
+def test_prune_to_target_meets_a_latency_target(round_to: int | None, tmp_path: Path) -> None:
+    model, example = cnn()
+    lm = latency_model(model, example, tmp_path)
+    scores = lip.score_channels(model, criterion="magnitude", example_inputs=example)
+    report = lip.prune_to_target(model, scores, latency=0.5, latency_model=lm, round_to=round_to)
+    assert report.latency_before_ms == pytest.approx(lm.measured_ms)
+    assert report.latency_after_ms <= 0.5 * report.latency_before_ms
+    assert lm.predict(ChannelStructure.build(model, example)) == pytest.approx(report.latency_after_ms)
+    if round_to:
+        assert all(w % round_to == 0 for n, w in report.channels_after.items() if report.plan.get(n))
+
+
+def test_prune_to_target_builds_and_caches_a_latency_model(tmp_path: Path, monkeypatch) -> None:
+    timer = FakeTimer()
+    monkeypatch.setattr(lat, "timer_measure", timer)
+    model, example = cnn()
+    scores = lip.score_channels(model, criterion="magnitude", example_inputs=example)
+    lip.prune_to_target(copy.deepcopy(model), scores, latency=0.6, latency_batch_size=4, latency_cache_dir=tmp_path)
+    assert layer_calls(timer, model) > 0 and list(tmp_path.glob("*.json"))
+
+
+def test_callback_prunes_to_a_latency_target(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(lat, "timer_measure", FakeTimer())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    module = classifier()
+    pruner = lip.InfluencePruningCallback(
+        target_latency=0.6, latency_batch_size=8, round_to=4, criterion="magnitude",
+        start_epoch=1, rounds=2, example_input=torch.zeros(1, 1, 8, 8), verbose=False,
+    )  # fmt: skip
+    cpu_trainer(tmp_path, 3, [pruner]).fit(module, loader(128))
+    assert pruner.finished and pruner.baseline.latency is not None
+    assert pruner.latency_ms(module) <= 0.6 * pruner.baseline.latency
+    assert (tmp_path / "cache" / "lightning_ifprune" / "latency").is_dir()
+    convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels in (16, 32) or c.out_channels % 4 == 0 for c in convs)
+    assert any(c.out_channels not in (16, 32) for c in convs)
+    with pytest.raises(ValueError, match="round_to"):
+        lip.InfluencePruningCallback(target_latency=0.5, round_to=2.5)
+    with pytest.raises(ValueError, match="latency_batch_size"):
+        lip.InfluencePruningCallback(target_latency=0.5, latency_batch_size=0)
+
+
+def test_app_passes_a_latency_target_and_reports_predictions(tmp_path: Path, monkeypatch, compose_cfg) -> None:
+    monkeypatch.setattr(lat, "timer_measure", FakeTimer())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    cfg = compose_cfg(
+        tmp_path / "run",
+        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=2",
+        "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+        "report.latency_iters=2", "report.latency_batch_size=8", "report.plot=false", "export.enabled=false",
+        "model.net.widths=[8,16,32]", "prune=magnitude", "pretrain.epochs=0", "trainer.max_epochs=1",
+        "prune.rounds=1", "prune.target_flops=null", "prune.target_latency=0.6", "prune.round_to=4",
+    )  # fmt: skip
+    summary = lip.app.train(cfg)
+    torch.set_num_threads(threads)
+    assert summary["target_resource"] == "latency" and summary["target_met"] is True
+    assert summary["latency_predicted_after_ms"] <= 0.6 * summary["latency_predicted_before_ms"]
+    assert summary["latency_before_ms"] > 0 and summary["latency_after_ms"] > 0
