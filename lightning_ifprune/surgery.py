@@ -31,6 +31,7 @@ from lightning_ifprune.structure import (
     WEIGHTED_TYPES,
     ChannelStructure,
 )
+from lightning_ifprune.structure.attention import head_slices, remove_heads
 from lightning_ifprune.structure.ops import is_depthwise
 
 #: One applied plan: ``[{"group": name, "indices": [...]}, ...]``.
@@ -151,7 +152,8 @@ def atomic(model: nn.Module) -> Iterator[None]:
     """Undo every change surgery makes to ``model``'s modules if the block raises.
 
     Torch-Pruning replaces parameters and buffers by new tensors and rewrites size
-    attributes, so keeping references and plain attributes is enough to roll back; the
+    attributes (head pruning also changes an attention layer's class), so keeping references,
+    plain attributes and classes is enough to roll back; the
     recorded pruning histories roll back too. Blocks may span several :func:`prune_channels`.
     """
     saved = []
@@ -163,12 +165,13 @@ def atomic(model: nn.Module) -> Iterator[None]:
         }
         state = module.__dict__.get(_ATTR)
         copied = None if state is None else {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
-        saved.append((module, dict(module._parameters), dict(module._buffers), attrs, copied))
+        saved.append((module, type(module), dict(module._parameters), dict(module._buffers), attrs, copied))
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         yield
     except BaseException:
-        for module, params, buffers, attrs, copied in saved:
+        for module, cls, params, buffers, attrs, copied in saved:
+            module.__class__ = cls  # pruned attention layers change class
             module._parameters.clear()
             module._parameters.update(params)
             module._buffers.clear()
@@ -229,6 +232,9 @@ def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]
     modes = [(m, m.training) for m in model.modules()]
     with atomic(model):
         for name, idxs in steps.items():
+            if name in structure.heads:
+                remove_heads(model, structure.heads[name], idxs)
+                continue
             root = model.get_submodule(name)
             pruner = graph.get_pruner_of_module(root)
             group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
@@ -297,7 +303,11 @@ def _parameter_slices(structure: ChannelStructure, steps: Mapping[str, Sequence[
         out.setdefault(key, {}).setdefault(dim, [])
         out[key][dim] = sorted(set(out[key][dim]) | {int(i) for i in idxs})
 
+    params = dict(model.named_parameters())
     for name, idxs in steps.items():
+        if name in structure.heads:
+            out.update({p: dims for p, dims in head_slices(structure.heads[name], idxs).items() if p in params})
+            continue
         root = model.get_submodule(name)
         group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
         for item in group:

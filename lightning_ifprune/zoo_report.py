@@ -3,7 +3,7 @@
 For each model (random init, small inputs) :func:`check_model` either records the
 :class:`~lightning_ifprune.structure.UnsupportedModelError` it raises, or checks that masking
 random channels equals removing them (eval mode), prunes it to half its FLOPs with the
-magnitude criterion, measures the FLOPs with PyTorch's counter and runs one training step.
+magnitude criterion (Taylor where attention heads are groups), measures the FLOPs with PyTorch's counter and runs one training step.
 Any other error or a wrong result raises. Torch-Pruning's own ``MagnitudePruner`` runs on the
 same model for comparison. ``python -m lightning_ifprune.zoo_report [--out FILE]`` prints a
 markdown table and writes the results as JSON.
@@ -25,12 +25,14 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ifprune.criteria import score_channels
 from lightning_ifprune.functional import prune_to_target
 from lightning_ifprune.measure import count_macs
 from lightning_ifprune.models.zoo import build_model
 from lightning_ifprune.structure import NORM_TYPES, ChannelStructure, UnsupportedModelError, channel_masks
+from lightning_ifprune.structure.tracing import restore_modes
 from lightning_ifprune.surgery import prune_channels
 
 NUM_CLASSES = 10
@@ -45,6 +47,7 @@ class ZooModel:
     size: int = 64
     slow: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
+    criterion: str = "magnitude"  # "taylor" where head groups have no producer rows to measure
 
     @property
     def id(self) -> str:
@@ -72,6 +75,8 @@ TORCHVISION = [
     ZooModel("googlenet", "torchvision", slow=True, kwargs={"aux_logits": True, "init_weights": True}),
     ZooModel("shufflenet_v2_x0_5", "torchvision"),
     ZooModel("convnext_tiny", "torchvision", size=32, slow=True),
+    ZooModel("vit_b_16", "torchvision", size=32, slow=True, kwargs={"image_size": 32}, criterion="taylor"),
+    ZooModel("vit_b_32", "torchvision", size=32, slow=True, kwargs={"image_size": 32}, criterion="taylor"),
 ]
 TIMM = [
     ZooModel("resnet18", "timm"),
@@ -84,6 +89,7 @@ TIMM = [
     ZooModel("mixnet_s", "timm"),
     ZooModel("rexnet_100", "timm"),
     ZooModel("convnext_nano", "timm", size=32),
+    ZooModel("vit_small_patch16_224", "timm", size=32, kwargs={"img_size": 32}, criterion="taylor"),
 ]
 MODELS = TORCHVISION + TIMM
 
@@ -106,10 +112,21 @@ class ZooResult:
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial affine parameters and running statistics for every BatchNorm (subclasses too)."""
+    """Non-trivial affine parameters and running statistics for every BatchNorm (subclasses too),
+    LayerNorm, and layer scale (near 1, so that every residual branch counts in the output); random
+    weights for a zero-initialised classifier (torchvision's ViT), whose output would vanish."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * m.in_features**-0.5)
+            if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+            for name, p in m.named_parameters(recurse=False):
+                if name in ("layer_scale", "gamma") and not isinstance(m, (nn.LayerNorm, *NORM_TYPES)):
+                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
             if isinstance(m, NORM_TYPES) and m.affine and m.track_running_stats:
                 n = m.num_features
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
@@ -163,6 +180,22 @@ def flops_target(structure: ChannelStructure, wanted: float = 0.5) -> float:
     floor = structure.cost({n: g.size - g.min_keep for n, g in structure.groups.items()})[0]
     reachable = floor / total
     return wanted if reachable < wanted - 0.02 else (1 + reachable) / 2
+
+
+def counted_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs per sample counted by ``FlopCounterMode`` in eval mode (:func:`count_macs`), with gradients
+    on when the model has ``nn.MultiheadAttention``: its fused eval fast path is not counted."""
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return count_macs(model, x)
+    counter = FlopCounterMode(display=False)
+    with restore_modes(model), torch.enable_grad(), counter:
+        model.eval()
+        model(x)
+    return counter.get_total_flops() // 2 // max(int(x.shape[0]), 1)
+
+
+def _cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(_logits(outputs), targets)
 
 
 def train_step(model: nn.Module, x: torch.Tensor) -> None:
@@ -252,11 +285,14 @@ def check_model(spec: ZooModel, compare: bool = False) -> ZooResult:
         return result
     result.groups, result.channels = len(structure.groups), sum(structure.widths().values())
     result.flops_target = flops_target(structure)
-    model.eval()
-    result.flops_before = count_macs(model, x[:1])
-    scores = score_channels(model, criterion="magnitude", example_inputs=x[:1])
+    result.flops_before = counted_macs(model, x[:1])
+    if spec.criterion == "magnitude":
+        scores = score_channels(model, criterion="magnitude", example_inputs=x[:1])
+    else:
+        y = torch.randint(0, NUM_CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+        scores = score_channels(model, [(x, y)], criterion=spec.criterion, loss_fn=_cross_entropy)
     prune_to_target(model, scores, flops=result.flops_target)
-    result.flops_after = count_macs(model, x[:1])
+    result.flops_after = counted_macs(model, x[:1])
     if result.flops_after > (result.flops_target + 0.01) * result.flops_before:
         raise AssertionError(
             f"{spec.id}: {result.flops_after / result.flops_before:.3f} of the FLOPs left, "

@@ -27,6 +27,40 @@ class TinyNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class TinyTransformer(nn.Module):
+    """Token embedding, class token, one pre-norm block (4-head attention, MLP), mean-pooled head."""
+
+    def __init__(self, attention: str = "mha") -> None:
+        super().__init__()
+        self.kind = attention
+        self.embed = nn.Linear(6, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.ln1, self.ln2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        if attention == "timm":
+            from timm.layers import Attention
+
+            self.attn = Attention(8, num_heads=4, qkv_bias=True)
+        else:
+            self.attn = nn.MultiheadAttention(8, 4, batch_first=attention == "mha")
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1)
+        a = self.ln1(h)
+        if self.kind == "timm":
+            a = self.attn(a)
+        elif self.kind == "mha":
+            a = self.attn(a, a, a, need_weights=False)[0]
+        else:  # sequence first
+            a = a.transpose(0, 1)
+            a = self.attn(a, a, a, need_weights=False)[0].transpose(0, 1)
+        h = h + a
+        h = h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+        return self.head(h.mean(1))
+
+
 def tiny_setup(seed: int = 0):
     """A float64 TinyNet with non-trivial BN affine params, its structure and a batch."""
     torch.manual_seed(seed)

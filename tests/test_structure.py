@@ -241,7 +241,6 @@ class _ChannelSoftmaxNet(nn.Module):
     ("model", "match"),
     [
         (_OptionANet(), r"'block'.*ConstantPadNd.*zero-pad"),
-        (_CustomNet(), r"'scale' \(_Scale\)"),
         (_ChannelSoftmaxNet(), r"Softmax"),
     ],
 )
@@ -250,6 +249,11 @@ def test_unsupported_structures_are_refused_by_name(model: nn.Module, match: str
     with pytest.raises(UnsupportedModelError, match=match):
         ChannelStructure.build(model, torch.randn(1, 3, 8, 8))
     before.assert_unchanged()
+
+
+def test_a_custom_layer_with_a_bare_parameter_keeps_its_channels() -> None:
+    structure = ChannelStructure.build(_CustomNet(), torch.randn(1, 3, 8, 8))
+    assert "conv" not in structure.groups and "bare nn.Parameter" in structure.skipped["conv"]
 
 
 def test_ignoring_an_unsupported_layer_keeps_its_channels() -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_ifprune.batch import Batch, batch_size, split_batch
 from lightning_ifprune.estimator.options import EstimatorOptions
@@ -39,7 +40,8 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
     """Norm layers in training behaviour without touching running stats; dropout off.
 
     SyncBatchNorm layers act per rank. Restores every module's mode, class and flag on
-    exit. Autocast is disabled inside.
+    exit. Autocast is disabled inside, and attention runs in PyTorch's plain (twice
+    differentiable) kernel.
     """
     modes = [(m, m.training) for m in model.modules()]
     tracked = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, NORM_TYPES)]
@@ -53,7 +55,10 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
             if cls is nn.SyncBatchNorm:  # subclasses (timm's SyncBatchNormAct) keep their own forward
                 m.__class__ = _LocalBatchNorm
         device = next(model.parameters()).device.type
-        with torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda") else nullcontext():
+        with (
+            torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda") else nullcontext(),
+            sdpa_kernel(SDPBackend.MATH),  # the fused attention kernels have no second derivatives
+        ):
             yield
     finally:
         for m, training in modes:

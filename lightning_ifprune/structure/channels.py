@@ -8,6 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_ifprune.structure.attention import AttentionHeads, find_attention
 from lightning_ifprune.structure.cost import CostModel
 from lightning_ifprune.structure.graph import refuse_compiled, trace_graph
 from lightning_ifprune.structure.groups import (
@@ -46,8 +47,11 @@ class ChannelStructure:
         groups: dict[str, ChannelGroup],
         skipped: dict[str, str],
         costs: CostModel,
+        heads: Mapping[str, AttentionHeads] | None = None,
     ) -> None:
         self.model = model
+        #: Head groups (attention layer name → its head layout); removed by :mod:`.attention`, not Torch-Pruning.
+        self.heads = dict(heads or {})
         self.example_inputs = example_inputs
         self.graph = graph
         self.groups = groups
@@ -92,10 +96,20 @@ class ChannelStructure:
                 f"Torch-Pruning could not group the channels of {type(model).__name__}: {type(err).__name__}: {err}"
             ) from err
 
+        attention = {n: a for n, a in find_attention(model, owners.reached).items() if n not in ignored}
+        qkv_roots = {model.get_submodule(a.qkv) for a in attention.values() if not a.packed}
+        tp_groups = [g for g in tp_groups if g[0].dep.target.module not in qkv_roots]  # heads instead
+
         def parse(skip: set[str]) -> Parsed:
-            return _parse_groups(
+            parsed = _parse_groups(
                 GroupParser(model, graph, order, skip, owners), tp_groups, min_channels, original_sizes
             )
+            for name, layout in attention.items():
+                if name not in skip:
+                    size0 = (original_sizes or {}).get(name, layout.heads)
+                    parsed[0][name] = layout.group(resolve_min_keep(min_channels, size0))
+                    parsed[2].extend(layout.coefs())
+            return parsed
 
         groups, skipped, coefs, issues = parse(ignored)
         for name, why in _unseen_layers(model, example_inputs, graph, owners, ignored).items():
@@ -105,7 +119,8 @@ class ChannelStructure:
             raise UnsupportedModelError(_refusal(model, order, issues, len(remaining)))
         costs = CostModel.measure(model, example_inputs, coefs)
         ordered = dict(sorted(groups.items(), key=lambda kv: order[model.get_submodule(kv[0])][0]))
-        return cls(model, example_inputs, graph, ordered, skipped, costs)
+        heads = {n: a for n, a in attention.items() if n in ordered}
+        return cls(model, example_inputs, graph, ordered, skipped, costs, heads)
 
     def widths(self) -> dict[str, int]:
         """Current channel count of every prunable group."""
@@ -208,6 +223,8 @@ def _unseen_layers(
     for name, module in model.named_modules():
         if name in ignored or next(module.parameters(recurse=False), None) is None:
             continue
+        if _mha_out_proj(model, name, graph):
+            continue  # read as a weight by its attention layer, which is in the graph
         what = f"module '{name}' ({type(module).__name__})"
         if module not in owners.reached:
             if in_eval is None:
@@ -218,8 +235,8 @@ def _unseen_layers(
                 else f"{what} has parameters but is not reached by any forward pass on example_inputs "
                 "(training or eval mode), so the channels it reads are unknown (ignore it only if it never runs)"
             )
-        elif module in graph.module2node:
-            continue  # its channels are in the groups, handled there
+        elif module in graph.module2node or all(p in graph.module2node for p in module.parameters(recurse=False)):
+            continue  # its channels (or its bare parameters') are in the groups, handled there
         elif isinstance(module, SUPPORTED_TYPES):
             out[name] = f"{what} runs, but its output never reaches the model's output, so the graph cannot see it"
         else:
@@ -228,6 +245,13 @@ def _unseen_layers(
                 "and the channels it touches cannot be tracked through it"
             )
     return out
+
+
+def _mha_out_proj(model: nn.Module, name: str, graph: tp.DependencyGraph) -> bool:
+    """The ``out_proj`` of an ``nn.MultiheadAttention`` of the graph (never called as a module)."""
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent)
+    return leaf == "out_proj" and isinstance(module, nn.MultiheadAttention) and module in graph.module2node
 
 
 def _refusal(model: nn.Module, order: dict[nn.Module, tuple[int, str]], issues: dict[str, str], remaining: int) -> str:

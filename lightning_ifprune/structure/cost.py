@@ -76,17 +76,23 @@ class CostModel:
     def measure(cls, model: nn.Module, example_inputs: torch.Tensor, coefs: Iterable[CostCoef]) -> CostModel:
         """Per-layer terms from the modules, positions and the constant from one counted pass."""
         positions: dict[str, int] = {}
+        batch = max(int(example_inputs.shape[0]), 1)
         names = {m: n for n, m in model.named_modules()}
 
         def record(module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
             width = out.shape[1] if isinstance(module, CONV_TYPES) else out.shape[-1]
-            positions[names[module]] = out.numel() // max(out.shape[0], 1) // max(width, 1)
+            positions[names[module]] = out.numel() // batch // max(width, 1)  # any layout (sequence-first too)
+            if isinstance(module, nn.MultiheadAttention):  # its out_proj is read as a weight, never called
+                positions[f"{names[module]}.out_proj" if names[module] else "out_proj"] = positions[names[module]]
 
-        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, WEIGHTED_TYPES)]
+        counted = (*WEIGHTED_TYPES, nn.MultiheadAttention)
+        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, counted)]
         counter = FlopCounterMode(display=False)
+        # With gradients on, nn.MultiheadAttention takes no fused fast path (whose FLOPs go uncounted).
+        grad = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
         try:
-            with restore_modes(model), torch.no_grad(), counter:
+            with restore_modes(model), torch.set_grad_enabled(grad), counter:
                 model.eval()
                 model(example_inputs)
         finally:
@@ -113,6 +119,14 @@ class CostModel:
                     positions=positions.get(name, 0),
                     bias=module.bias is not None,
                 )
+            elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+                layers[name] = LayerCost(  # the packed q, k, v input projection
+                    "weighted",
+                    module.in_proj_weight.shape[1],
+                    module.in_proj_weight.shape[0],
+                    positions=positions.get(name, 0),
+                    bias=module.in_proj_bias is not None,
+                )
             elif isinstance(module, PER_CHANNEL_TYPES):
                 feats = per_channel_width(module)
                 n = sum(1 for p in module.parameters(recurse=False) if p.numel() == feats)
@@ -123,7 +137,6 @@ class CostModel:
                 cost.in_coef[group] = c
             if kind in ("out", "norm"):
                 cost.out_coef[group] = c
-        batch = max(int(example_inputs.shape[0]), 1)
         modelled_macs = sum(c.macs({}) for c in layers.values())
         modelled_params = sum(c.params({}) for c in layers.values())
         measured_macs = counter.get_total_flops() // 2 // batch

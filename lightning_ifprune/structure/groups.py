@@ -21,6 +21,7 @@ from lightning_ifprune.structure.ops import (
     BATCH_NORM_OPS,
     CONV_TYPES,
     DROPOUT_TYPES,
+    LINEAR_INTERNAL_OPS,
     NORM_TYPES,
     PER_CHANNEL_TYPES,
     WEIGHTED_TYPES,
@@ -185,6 +186,11 @@ class GroupParser:
             return self._on_weighted(item, module, name, per_channel)
         if isinstance(module, PER_CHANNEL_TYPES):
             return self._on_per_channel(item, module, name, per_channel)
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            return self._skip(
+                f"{self._describe(name)} normalises over its channels: removing one changes the statistics "
+                "of the others, so a channel mask cannot stand for its removal"
+            )
         return self._refuse(
             name,
             f"{self._describe(name)} mixes or normalises the channels of group '{self.root}' "
@@ -213,6 +219,8 @@ class GroupParser:
             )
         if (op in BATCH_NORM_OPS and self._in_norm(where)) or self._inplace_dropout(op, where):
             return None
+        if op in LINEAR_INTERNAL_OPS and self._in_linear(where):
+            return None
         hint = " (an option-A zero-pad shortcut? use 1x1-conv shortcuts)" if op == "ConstantPadNd" else ""
         who = self._describe(where) if where else f"the top-level forward of {type(self.model).__name__}"
         return self._refuse(
@@ -227,6 +235,10 @@ class GroupParser:
             return False
         module = self.model.get_submodule(where)
         return isinstance(module, NORM_TYPES) and module in self.graph.module2node
+
+    def _in_linear(self, where: str | None) -> bool:
+        """An op of a Linear layer's own forward (on an input with several leading dims)."""
+        return where is not None and isinstance(self.model.get_submodule(where), nn.Linear)
 
     def _inplace_dropout(self, op: str, where: str | None) -> bool:
         """An in-place dropout on a view (the ``CopySlices`` and ``AsStrided`` it makes): element-wise."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lightning_ifprune.structure.attention import out_proj_mask_hooks
 from lightning_ifprune.structure.groups import ConsumerSlot
 from lightning_ifprune.structure.ops import CONV_TYPES, is_depthwise
 
@@ -56,10 +57,18 @@ def channel_masks(structure: ChannelStructure, masks: MaskVec | None = None) -> 
 
         return hook
 
+    def make_scale(entries: list[tuple[str, ConsumerSlot]]):
+        hook = make_hook(entries, is_conv=False)
+        return lambda weight: hook(None, (torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device),))[0]
+
     handles = []
     try:
         for mname, entries in by_module.items():
             module = model.get_submodule(mname)
+            attention = structure.heads.get(mname.rpartition(".")[0])
+            if attention is not None and attention.packed and attention.out == mname:
+                handles.extend(out_proj_mask_hooks(model.get_submodule(attention.module), make_scale(entries)))
+                continue
             handles.append(module.register_forward_pre_hook(make_hook(entries, isinstance(module, CONV_TYPES))))
         yield masks
     finally:

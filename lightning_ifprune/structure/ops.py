@@ -39,6 +39,9 @@ BATCH_NORM_OPS = frozenset({
     "NativeBatchNorm", "NativeBatchNormLegit", "NativeBatchNormLegitNoTraining", "NativeBatchNormLegitFunctional",
     "CudnnBatchNorm", "MiopenBatchNorm", "BatchNormWithUpdate", "BatchNormNoUpdate",
 })  # fmt: skip
+#: Ops a Linear layer runs on an input of more than two dims (flatten, matmul, reshape back): its own
+#: computation over the last axis, accepted inside a Linear whose input or output is the group's.
+LINEAR_INTERNAL_OPS = frozenset({"Addmm", "Mm", "Bmm", "T", "View", "UnsafeView", "Reshape", "ReshapeAlias"})
 #: Dropout layers: element-wise, also when in place on a view (an autograd ``CopySlices`` node).
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 #: Ops that keep channels only when they do not act on the channel axis (dim 1).
