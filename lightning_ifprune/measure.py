@@ -28,13 +28,15 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass per sample, counted by ``FlopCounterMode``.
 
     The model runs in eval mode (restored afterwards); the count covers every convolution
-    and matrix product, which is what channel pruning changes.
+    and matrix product, which is what channel pruning changes. Gradients are on where the model
+    has ``nn.MultiheadAttention``: its fused no-grad fast path goes uncounted.
     """
     was_training = model.training
     model.eval()
+    grad = torch.is_grad_enabled() or any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     try:
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, torch.set_grad_enabled(grad):
             model(example_input)
     finally:
         model.train(was_training)

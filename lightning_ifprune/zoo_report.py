@@ -25,14 +25,12 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ifprune.criteria import score_channels
 from lightning_ifprune.functional import prune_to_target
 from lightning_ifprune.measure import count_macs
 from lightning_ifprune.models.zoo import build_model
 from lightning_ifprune.structure import NORM_TYPES, ChannelStructure, UnsupportedModelError, channel_masks
-from lightning_ifprune.structure.tracing import restore_modes
 from lightning_ifprune.surgery import prune_channels
 
 NUM_CLASSES = 10
@@ -182,18 +180,6 @@ def flops_target(structure: ChannelStructure, wanted: float = 0.5) -> float:
     return wanted if reachable < wanted - 0.02 else (1 + reachable) / 2
 
 
-def counted_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """MACs per sample counted by ``FlopCounterMode`` in eval mode (:func:`count_macs`), with gradients
-    on when the model has ``nn.MultiheadAttention``: its fused eval fast path is not counted."""
-    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        return count_macs(model, x)
-    counter = FlopCounterMode(display=False)
-    with restore_modes(model), torch.enable_grad(), counter:
-        model.eval()
-        model(x)
-    return counter.get_total_flops() // 2 // max(int(x.shape[0]), 1)
-
-
 def _cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(_logits(outputs), targets)
 
@@ -285,14 +271,14 @@ def check_model(spec: ZooModel, compare: bool = False) -> ZooResult:
         return result
     result.groups, result.channels = len(structure.groups), sum(structure.widths().values())
     result.flops_target = flops_target(structure)
-    result.flops_before = counted_macs(model, x[:1])
+    result.flops_before = count_macs(model, x[:1])
     if spec.criterion == "magnitude":
         scores = score_channels(model, criterion="magnitude", example_inputs=x[:1])
     else:
         y = torch.randint(0, NUM_CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(0))
         scores = score_channels(model, [(x, y)], criterion=spec.criterion, loss_fn=_cross_entropy)
     prune_to_target(model, scores, flops=result.flops_target)
-    result.flops_after = counted_macs(model, x[:1])
+    result.flops_after = count_macs(model, x[:1])
     if result.flops_after > (result.flops_target + 0.01) * result.flops_before:
         raise AssertionError(
             f"{spec.id}: {result.flops_after / result.flops_before:.3f} of the FLOPs left, "
