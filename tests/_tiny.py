@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_ifprune.structure import ChannelStructure, channel_masks
 
@@ -76,10 +77,34 @@ def tiny_setup(seed: int = 0):
     return model, structure, x, y
 
 
-def explicit_hessian(model, structure, x, y, weight_decay: float = 0.0):
-    """Full gradient and Hessian of L(w, m) over the flat vector [w; m] at m = 1.
+def regression_with_auxiliary(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A non-CE loss: MSE to one-hot targets plus a Huber auxiliary term on the logits."""
+    target = F.one_hot(y, out.shape[1]).to(out.dtype)
+    return F.mse_loss(out, target) + 0.3 * F.smooth_l1_loss(out, 0.5 * target, beta=0.5)
 
-    BN runs on batch statistics without updating buffers, as in the estimator.
+
+def tiny_transformer_setup(seed: int = 0):
+    """A float64 TinyTransformer (4 heads, 12 MLP units) with non-trivial LayerNorm affine
+    params, its structure and a batch of 6 sequences of 5 tokens."""
+    torch.manual_seed(seed)
+    model = TinyTransformer("mha").double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(6, 5, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    structure = ChannelStructure.build(model, x[:2])
+    return model, structure, x, y
+
+
+def explicit_hessian(model, structure, x, y, weight_decay: float = 0.0, criterion=F.cross_entropy):
+    """Full gradient and Hessian of ``criterion(model(x), y)`` (+ weight decay) over the flat
+    vector [w; m] at m = 1.
+
+    BN runs on batch statistics without updating buffers, as in the estimator; attention
+    runs on the math kernel (the fused ones have no second derivative).
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
@@ -104,13 +129,14 @@ def explicit_hessian(model, structure, x, y, weight_decay: float = 0.0):
             j += k
         with channel_masks(structure, masks):
             out = functional_call(model, params, (x,))
-        return F.cross_entropy(out, y) + 0.5 * weight_decay * (flat[:nw] ** 2).sum()
+        return criterion(out, y) + 0.5 * weight_decay * (flat[:nw] ** 2).sum()
 
     flat0 = torch.cat([w0, m0])
     try:
-        full = flat0.clone().requires_grad_(True)
-        grad = torch.autograd.grad(loss(full), full)[0]
-        hess = torch.autograd.functional.hessian(loss, flat0)
+        with sdpa_kernel(SDPBackend.MATH):
+            full = flat0.clone().requires_grad_(True)
+            grad = torch.autograd.grad(loss(full), full)[0]
+            hess = torch.autograd.functional.hessian(loss, flat0)
     finally:
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import explicit_hessian, tiny_setup
+from _tiny import explicit_hessian, regression_with_auxiliary, tiny_setup, tiny_transformer_setup
+from torch import nn
 
 from lightning_ifprune.estimator import (
     BatchHessian,
@@ -22,11 +23,15 @@ LAM = 1e-2
 CE = supervised(F.cross_entropy)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, structure, x, y = tiny_setup()
-    grad, hess, nw, names, sizes = explicit_hessian(model, structure, x, y, LAM)
-    return model, structure, x, y, grad, hess, nw, sizes
+@pytest.fixture(scope="module", params=["cnn", "transformer", "cnn_regression"])
+def tiny(request):
+    """A float64 CNN (BatchNorm, flatten) or transformer (LayerNorm, attention heads, MLP
+    units), its structure, a batch, the loss closure (CE, or MSE + a Huber auxiliary term) and
+    the explicit Hessian of its masked loss."""
+    model, structure, x, y = (tiny_transformer_setup if request.param == "transformer" else tiny_setup)()
+    criterion = regression_with_auxiliary if request.param == "cnn_regression" else F.cross_entropy
+    grad, hess, nw, names, sizes = explicit_hessian(model, structure, x, y, LAM, criterion)
+    return model, structure, x, y, grad, hess, nw, sizes, supervised(criterion)
 
 
 def _flat_m(d, sizes):
@@ -58,14 +63,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_every_product_matches_the_explicit_hessian(tiny) -> None:
-    model, structure, x, y, grad, hess, nw, sizes = tiny
+    model, structure, x, y, grad, hess, nw, sizes, loss = tiny
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     space = MaskSpace(structure, params)
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(sum(sizes.values()), generator=gen, dtype=torch.float64)
     u = torch.randn(nw, generator=gen, dtype=torch.float64)
     with estimation_mode(model):
-        hb = BatchHessian(model, params, (x, y), CE)
+        hb = BatchHessian(model, params, (x, y), loss)
         w = {k: p.detach() for k, p in params.items()}
         g = hb.grad
         g_m = space.reduce({k: (w[k] * g[k])[None] for k in w}, dtype=torch.float64)
@@ -86,7 +91,7 @@ def test_every_product_matches_the_explicit_hessian(tiny) -> None:
 
 
 def test_cg_matches_an_explicitapply_inverse(tiny) -> None:
-    model, structure, x, y, grad, hess, nw, sizes = tiny
+    model, structure, x, y, grad, hess, nw, sizes, loss = tiny
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     damping = 25.0  # shifts the (indefinite) Hessian to positive definite: CG then solves it
     opts = EstimatorOptions(inverse="cg", cg_iters=nw, weight_decay=LAM, damping=damping)
@@ -94,7 +99,7 @@ def test_cg_matches_an_explicitapply_inverse(tiny) -> None:
     matrix = hess[:nw, :nw] + damping * torch.eye(nw, dtype=torch.float64)
     assert torch.linalg.eigvalsh(matrix).min() > 0
     with estimation_mode(model):
-        hb = BatchHessian(model, params, (x, y), CE)
+        hb = BatchHessian(model, params, (x, y), loss)
         got = _flat_w(apply_inverse(hb, _split_w(b, params), opts), params)
     assert _rel(got, torch.linalg.solve(matrix, b)) <= 1e-6
 
@@ -105,26 +110,26 @@ def _schur_parts(hess, nw, inverse):
 
 
 def test_paper_score_equals_explicit_formula(tiny) -> None:
-    model, structure, x, y, grad, hess, nw, sizes = tiny
+    model, structure, x, y, grad, hess, nw, sizes, loss = tiny
     _, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
     expected = (influence @ torch.ones(influence.shape[0], dtype=torch.float64)).abs()
     opts = EstimatorOptions(score="paper", probes="ones", inverse="identity", weight_decay=LAM, micro_batches=1)
-    got = estimate(structure, [(x, y)], CE, opts).scores
+    got = estimate(structure, [(x, y)], loss, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
 
 
 def test_retrained_score_with_exact_probes_equals_explicit_schur_diagonal(tiny) -> None:
-    model, structure, x, y, grad, hess, nw, sizes = tiny
+    model, structure, x, y, grad, hess, nw, sizes, loss = tiny
     inverse = torch.eye(nw, dtype=torch.float64) / LAM
     h_mm, influence = _schur_parts(hess, nw, inverse)
     expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
     opts = EstimatorOptions(score="retrained", probes="exact", inverse="identity", weight_decay=LAM, micro_batches=1)
-    got = estimate(structure, [(x, y)], CE, opts).scores
+    got = estimate(structure, [(x, y)], loss, opts).scores
     assert _rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected) <= 1e-8
 
 
 def test_hutchinson_mean_converges_to_the_explicit_diagonal(tiny) -> None:
-    model, structure, x, y, grad, hess, nw, sizes = tiny
+    model, structure, x, y, grad, hess, nw, sizes, loss = tiny
     h_mm, influence = _schur_parts(hess, nw, torch.eye(nw, dtype=torch.float64) / LAM)
     expected = -grad[nw:] + 0.5 * torch.diagonal(h_mm - influence)
     errors = []
@@ -139,32 +144,35 @@ def test_hutchinson_mean_converges_to_the_explicit_diagonal(tiny) -> None:
             seed=3,
             micro_batches=1,
         )
-        got = estimate(structure, [(x, y)], CE, opts).scores
+        got = estimate(structure, [(x, y)], loss, opts).scores
         errors.append(_rel(_flat_m({k: v[None] for k, v in got.items()}, sizes), expected))
     assert errors[1] < 0.15 and errors[1] < errors[0]
 
 
 def test_estimation_restores_state_grads_and_modes(tiny, state_snapshot) -> None:
-    model, structure, x, y, *_ = tiny
+    model, structure, x, y, *_, loss = tiny
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first, second, last = layers[0], layers[1], layers[-1]
+    norm = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))][-1]
     model.train()
-    model.bn2.eval()
-    model.fc.weight.requires_grad_(False)
-    model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
+    norm.eval()
+    last.weight.requires_grad_(False)
+    first.weight.grad = torch.ones_like(first.weight)
     try:
         before = state_snapshot(model)
         estimate(
             structure,
             [(x, y), (x * 2, y)],
-            CE,
+            loss,
             EstimatorOptions(num_probes=4, cg_iters=3, weight_decay=LAM),
         )
         before.assert_unchanged()
-        assert torch.equal(model.conv1.weight.grad, torch.ones_like(model.conv1.weight))
-        assert model.conv2.weight.grad is None and not model.fc.weight.requires_grad
-        assert all(m.track_running_stats for m in (model.bn1, model.bn2))
+        assert torch.equal(first.weight.grad, torch.ones_like(first.weight))
+        assert second.weight.grad is None and not last.weight.requires_grad
+        assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     finally:
-        model.fc.weight.requires_grad_(True)
-        model.conv1.weight.grad = None
+        last.weight.requires_grad_(True)
+        first.weight.grad = None
 
 
 def test_estimation_under_autocast_runs_in_float32() -> None:

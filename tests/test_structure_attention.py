@@ -66,6 +66,21 @@ def test_heads_and_mlp_units_mask_equals_removal_and_cost_is_exact(attention: st
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
+def test_head_masks_leave_the_parameters_as_they_were() -> None:
+    """Masking reads a scaled out_proj weight for one forward; the model's parameters keep their
+    objects and their order (an optimizer or a checkpoint maps them by position)."""
+    torch.manual_seed(0)
+    model = TinyTransformer("mha")
+    x = torch.randn(2, 5, 6)
+    structure = ChannelStructure.build(model, x[:1])
+    before = list(model.named_parameters())
+    masked = _masked(structure, {"attn": [1]}, x)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in before]
+    assert "weight" not in model.attn.out_proj.__dict__
+    with torch.no_grad():
+        assert not torch.allclose(model(x), masked)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_pruned_multihead_attention_computes_what_torch_does(batch_first: bool) -> None:
     torch.manual_seed(0)

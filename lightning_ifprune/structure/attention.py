@@ -104,17 +104,14 @@ def out_proj_mask_hooks(mha: nn.MultiheadAttention, scale: Callable[[torch.Tenso
     forward of ``mha`` (its ``out_proj`` is read as a weight, never called). Returns the handles;
     removing them restores the weight."""
     out = mha.out_proj
-    stash: list[nn.Parameter] = []
 
     def restore() -> None:
-        if stash:
-            out.__dict__.pop("weight", None)
-            out._parameters["weight"] = stash.pop()
+        out.__dict__.pop("weight", None)
 
     def pre(_module, _args) -> None:
-        restore()
-        weight = out._parameters.pop("weight")
-        stash.append(weight)
+        # An instance attribute shadows the registered parameter for this forward only: the
+        # parameter stays in ``_parameters`` (same object, same order).
+        weight = out._parameters["weight"]
         out.__dict__["weight"] = weight * scale(weight).view(1, -1)
 
     def post(_module, _args, _output) -> None:
