@@ -10,11 +10,14 @@ each, medians) so that a busy machine's drift cancels in the measured speed-up. 
 VGG-16-BN at CIFAR shape (3×32×32, batch 64), MobileNetV2 and ResNet-18 at ImageNet shape
 (3×224×224, batch 16; ``--quick`` uses 3×112×112 and says so in the JSON).
 
+Widths: latency targets keep multiples of the device's channel block (``round_to="auto"``,
+16 on an AVX-512 CPU), FLOPs targets are not rounded (``--round-to`` overrides both).
+
 The issue's acceptance: ResNet-56 at ``latency=0.5`` measures at most 0.55 of the original,
 and every prediction is within 10 % of its measurement.
 
 Run: ``python benchmarks/latency.py [--models resnet56,vgg16_bn] [--fractions 0.5,0.7] [--device cpu|cuda]
-[--threads 1] [--round-to 8] [--quick]``. Prints a table and writes ``benchmarks/results/latency.json``
+[--threads 1] [--round-to auto|none|8] [--quick]``. Prints a table and writes ``benchmarks/results/latency.json``
 (layer measurements are cached in ``~/.cache/lightning_ifprune/latency``).
 """
 
@@ -30,6 +33,7 @@ import torch
 
 from lightning_ifprune import prune_to_target, score_channels
 from lightning_ifprune.latency import LatencyModel, fix_glibc_malloc, timer_measure
+from lightning_ifprune.latency import channel_block as latency_block
 from lightning_ifprune.models import build_model
 from lightning_ifprune.structure import ChannelStructure
 
@@ -48,7 +52,9 @@ def measure_ms(net: torch.nn.Module, shape: tuple[int, ...], batch: int, device:
     return 1000 * timer_measure(net, torch.randn(batch, *shape, device=device), min_run_time=0.5)
 
 
-def run_model(name: str, fractions: list[float], device: torch.device, quick: bool, round_to: int | None) -> list[dict]:
+def run_model(
+    name: str, fractions: list[float], device: torch.device, quick: bool, round_to: int | str | None
+) -> list[dict]:
     arch, shape, batch, quick_shape = MODELS[name]
     shape = quick_shape if quick else shape
     torch.manual_seed(0)
@@ -92,7 +98,12 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.5,0.7")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--round-to", type=int, default=None)
+    parser.add_argument(
+        "--round-to",
+        type=lambda v: v if v == "auto" else None if v == "none" else int(v),
+        default="auto",
+        help="auto (default: the channel block for latency targets, none for FLOPs), none, or a multiple",
+    )
     parser.add_argument("--quick", action="store_true", help="ImageNet models at 3x112x112 instead of 3x224x224")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency.json"))
@@ -123,6 +134,7 @@ def main() -> None:
         "max_abs_speedup_error": max(abs(r["speedup_error"]) for r in rows),
         "quick": args.quick,
         "round_to": args.round_to,
+        "channel_block": latency_block(device),
         "glibc_malloc_fixed": malloc_fixed,
         "device": args.device,
         "threads": args.threads,

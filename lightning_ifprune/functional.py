@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_ifprune.latency import LatencyModel
-from lightning_ifprune.selection import Baseline, check_round_to, parse_target, select_channels
+from lightning_ifprune.selection import Baseline, RoundTo, check_round_to, parse_target, select_channels
 from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
 from lightning_ifprune.surgery import prune_channels
 
@@ -51,7 +51,7 @@ def prune_to_target(
     latency_batch_size: int = 64,
     latency_model: LatencyModel | None = None,
     latency_cache_dir: str | Path | None = None,
-    round_to: int | None = None,
+    round_to: RoundTo = "auto",
 ) -> PruneReport:
     """Prune ``model`` in place to at most the given fraction of its FLOPs, params, channels
     or measured latency.
@@ -62,7 +62,8 @@ def prune_to_target(
     ``latency_model``, or builds one (:meth:`LatencyModel.build`: batches of
     ``latency_batch_size`` on the model's device, cached in ``latency_cache_dir``); the
     report then carries the predicted latency before and after. ``round_to`` leaves every
-    pruned group at a multiple of it (8 suits GPUs; None, the default, suits CPUs).
+    pruned group at a multiple of it; ``"auto"`` (default) is the device's channel block for a
+    latency target (16 on an AVX-512 CPU, 8 with AVX2 or on CUDA) and no rounding otherwise.
     Nothing changes if the target is unreachable or the scores are malformed.
     """
     resource, fraction = parse_target(flops, params, channels, latency)

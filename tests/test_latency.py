@@ -16,7 +16,7 @@ import lightning_ifprune.app
 from lightning_ifprune import latency as lat
 from lightning_ifprune.latency import LatencyEnv, LatencyModel, LayerGrid, grid_axis
 from lightning_ifprune.models import build_model, resnet20
-from lightning_ifprune.selection import baseline_of, parse_target, resource_size, select_channels
+from lightning_ifprune.selection import baseline_of, parse_target, resolve_round_to, resource_size, select_channels
 from lightning_ifprune.structure import ChannelStructure
 
 ENV = LatencyEnv("cpu:test", 1, torch.__version__)
@@ -62,7 +62,14 @@ def cnn(widths: tuple[int, ...] = (16, 32, 32)) -> tuple[nn.Module, torch.Tensor
 
 def latency_model(model: nn.Module, example: torch.Tensor, tmp_path: Path, **kwargs) -> LatencyModel:
     structure = ChannelStructure.build(model, example)
-    options = {"cache_dir": tmp_path, "env": ENV, "measure": FakeTimer(), "progress": False, "batch_size": 8}
+    options = {
+        "cache_dir": tmp_path,
+        "env": ENV,
+        "measure": FakeTimer(),
+        "progress": False,
+        "batch_size": 8,
+        "block": 1,
+    }
     return LatencyModel.build(structure, **{**options, **kwargs})
 
 
@@ -109,6 +116,38 @@ def test_grid_interpolates_bilinearly_and_clamps() -> None:
     assert grid(0, 9) == 3.0 and grid(5, 1) == 5.0
     assert grid_axis(16, True) == [1, 5, 8, 12, 16] and grid_axis(3, False) == [3]
     assert all(w % 4 == 0 for w in grid_axis(32, True, multiple=4))
+
+
+def test_block_aligned_grids_price_a_width_as_the_next_multiple(tmp_path: Path) -> None:
+    """With a channel block, convolution grids are measured at its multiples (and the full
+    width), and a width between two multiples costs what the next one costs."""
+    assert grid_axis(40, True, multiple=16) == [16, 32, 40] and grid_axis(12, True, multiple=16) == [12]
+    grid = LayerGrid("sig", [3], [16, 32, 48], [[1.0, 2.0, 4.0]], block=16)
+    assert grid(3, 17) == grid(3, 32) == 2.0 and grid(3, 33) == grid(3, 40) == 4.0 and grid(3, 5) == 1.0
+    model, example = cnn((16, 32, 48))
+    lm = latency_model(model, example, tmp_path, block=16)
+    conv = lm.layers["features.8"]  # 32 -> 48 channels
+    assert conv.block == 16 and conv.ins == [16, 32] and conv.outs == [16, 32, 48]
+    assert conv(32, 33) == conv(32, 47) == conv(32, 48) > conv(32, 32) and conv(17, 48) == conv(32, 48)
+    assert lm.layers["features.9"].block == 1 and lm.layers["classifier"].block == 1  # BN, Linear: no blocks
+    assert lm.block == 16 and latency_model(model, example, tmp_path / "1").block == 1
+
+
+def test_auto_round_to_is_the_block_for_latency_targets_only(tmp_path: Path) -> None:
+    model, example = cnn((16, 32, 48))
+    structure = ChannelStructure.build(model, example)
+    lm = latency_model(model, example, tmp_path, block=16)
+    assert resolve_round_to("auto", "latency", lm) == 16
+    assert resolve_round_to("auto", "flops", lm) is None and resolve_round_to("auto", "latency", None) is None
+    assert resolve_round_to(None, "latency", lm) is None and resolve_round_to(4, "flops", lm) == 4
+    torch.manual_seed(0)
+    scores = {n: torch.rand(g.size) for n, g in structure.groups.items()}
+    plan = select_channels(structure, scores, "latency", 0.6, latency=lm, round_to="auto")
+    assert plan and all((structure.groups[n].size - len(v)) % 16 == 0 for n, v in plan.items())
+    flops_plan = select_channels(structure, scores, "flops", 0.6, latency=lm, round_to="auto")
+    assert any((structure.groups[n].size - len(v)) % 16 for n, v in flops_plan.items())
+    assert lat.channel_block(torch.device("cpu")) == lat.CPU_BLOCKS.get(torch.backends.cpu.get_cpu_capability(), 1)
+    assert torch.backends.cpu.get_cpu_capability() in lat.device_name(torch.device("cpu"))
 
 
 def test_prediction_matches_the_measured_model_and_shrinks_with_widths(tmp_path: Path) -> None:
@@ -191,6 +230,7 @@ def test_prune_to_target_builds_and_caches_a_latency_model(tmp_path: Path, monke
 
 
 def test_callback_prunes_to_a_latency_target(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(lat, "channel_block", lambda device: 1)  # the fake timer has no channel blocks
     monkeypatch.setattr(lat, "timer_measure", FakeTimer())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     module = classifier()
@@ -212,6 +252,7 @@ def test_callback_prunes_to_a_latency_target(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_app_passes_a_latency_target_and_reports_predictions(tmp_path: Path, monkeypatch, compose_cfg) -> None:
+    monkeypatch.setattr(lat, "channel_block", lambda device: 1)  # the fake timer has no channel blocks
     monkeypatch.setattr(lat, "timer_measure", FakeTimer())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
