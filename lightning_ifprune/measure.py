@@ -15,7 +15,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_ifprune.structure import ChannelStructure, UnsupportedModelError
+from lightning_ifprune.structure import (
+    ChannelStructure,
+    Example,
+    UnsupportedModelError,
+    call_model,
+    example_batch_size,
+)
 
 
 def count_params(model: nn.Module) -> int:
@@ -24,8 +30,12 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+def count_macs(model: nn.Module, example_input: Example) -> int:
     """Multiply-accumulates of one forward pass per sample, counted by ``FlopCounterMode``.
+
+    ``example_input`` is what the model is called with (a tensor, positional or keyword
+    arguments, a list of images: :mod:`lightning_ifprune.structure.example`); a detector's
+    count depends on its image size (and, for two-stage detectors, on its proposals).
 
     The model runs in eval mode (restored afterwards); the count covers every convolution
     and matrix product, which is what channel pruning changes. Gradients are on where the model
@@ -37,10 +47,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     try:
         counter = FlopCounterMode(display=False)
         with counter, torch.set_grad_enabled(grad):
-            model(example_input)
+            call_model(model, example_input)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2 // max(int(example_input.shape[0]), 1)
+    return counter.get_total_flops() // 2 // example_batch_size(example_input)
 
 
 def measure_cost(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
