@@ -31,10 +31,17 @@ class TrainingStepLoss:
     ``module.pruning_loss(batch)`` when the module defines it; else the loss its
     ``training_step(batch, 0)`` returns (a tensor, or the ``"loss"`` of a dict), with
     ``self.log``/``self.log_dict`` silenced and every torchmetrics state restored afterwards,
-    so scoring leaves no trace in the logs or the metrics.
+    so scoring leaves no trace in the logs or the metrics. Either runs on a fork of the random
+    generators: the global RNG is left untouched, and a loss that samples (Faster R-CNN's
+    proposal sampler) samples alike in every evaluation of the same batch.
     """
 
     def __call__(self, module: LightningModule, batch: Batch) -> torch.Tensor:
+        device = getattr(module, "device", torch.device("cpu"))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._loss(module, batch)
+
+    def _loss(self, module: LightningModule, batch: Batch) -> torch.Tensor:
         custom = getattr(module, "pruning_loss", None)
         if callable(custom):
             return custom(batch)

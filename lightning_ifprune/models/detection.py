@@ -63,9 +63,7 @@ def fcos_resnet18_fpn(
     return FCOS(_resnet18_fpn(fpn_channels), num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
 
-def fasterrcnn_mobilenet_v3_fpn(
-    num_classes: int, min_size: int = 128, max_size: int = 128, **kwargs: Any
-) -> nn.Module:
+def fasterrcnn_mobilenet_v3_fpn(num_classes: int, min_size: int = 128, max_size: int = 128, **kwargs: Any) -> nn.Module:
     """torchvision's Faster R-CNN with a MobileNetV3-Large FPN, no weights."""
     return fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs
