@@ -230,3 +230,35 @@ def test_a_detector_prunes_in_fit_trains_infers_and_loads(tmp_path: Path, name: 
     with torch.no_grad():
         for a, b in zip(fresh.eval()(images), module(images), strict=True):
             torch.testing.assert_close(a["boxes"], b["boxes"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("keep_torch_threads")
+def test_the_detection_experiment_reports_map_flops_and_latency(tmp_path: Path, compose_cfg) -> None:
+    """``experiment=detection_shapes``, shrunk: pre-train, prune to half the FLOPs in two rounds,
+    fine-tune; summary.json reports mAP before/after (measured again here), FLOPs and latency."""
+    import json
+
+    from lightning_ifprune.app import train
+    from lightning_ifprune.app.phases import load_initial_weights
+    from lightning_ifprune.measure import evaluate_map
+
+    cfg = compose_cfg(
+        tmp_path, "experiment=detection_shapes", "prune=fisher", "data.num_train=16", "data.num_eval=8",
+        "data.image_size=64", "data.batch_size=4", "pretrain.epochs=1", "pretrain.save_checkpoint=true",
+        "trainer.max_epochs=2", "prune.rounds=2", "prune.end_epoch=1", "report.latency_iters=1",
+        "report.latency_batch_size=2", "+trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    summary = train(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["metric"] == "map" and summary["test_acc_before"] is None
+    assert summary["target_met"] and summary["flops_after"] <= 0.5 * summary["flops_before"]
+    assert set(summary["test_metrics_after"]) == {"test/map", "test/map_50"}
+    assert summary["latency_before_ms"] > 0 and summary["latency_after_ms"] > 0
+    assert summary["channels_after"] and summary["channels_after"] != summary["channels_before"]
+    # The reported mAP before pruning is that of the pre-trained checkpoint, measured apart.
+    module = DetectionModule(build_detector("fcos_mobilenet_v3_small_fpn", 4, min_size=64, max_size=64), 4)
+    load_initial_weights(module, tmp_path / "pretrained.ckpt")
+    dm = ShapesDetectionDataModule(num_train=16, num_eval=8, image_size=64, batch_size=4, seed=0)
+    dm.setup()
+    assert evaluate_map(module, dm.test_dataloader()) == pytest.approx(summary["test_before"], abs=1e-6)

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import mobilenet_v3_small, resnet18
 from torchvision.models.detection import FCOS, RetinaNet, fasterrcnn_mobilenet_v3_large_fpn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 
@@ -52,7 +53,7 @@ def retinanet_resnet18_fpn(
 def retinanet_mobilenet_v3_small_fpn(
     num_classes: int, min_size: int = 128, max_size: int = 128, fpn_channels: int = 64, **kwargs: Any
 ) -> RetinaNet:
-    """RetinaNet on a MobileNetV3-Small FPN: the cheap default of ``experiment=detection_shapes``."""
+    """RetinaNet on a MobileNetV3-Small FPN."""
     return RetinaNet(_mobilenet_v3_small_fpn(fpn_channels), num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
 
@@ -61,6 +62,38 @@ def fcos_resnet18_fpn(
 ) -> FCOS:
     """FCOS on a ResNet-18 FPN (its heads' GroupNorm convs keep their channels)."""
     return FCOS(_resnet18_fpn(fpn_channels), num_classes, min_size=min_size, max_size=max_size, **kwargs)
+
+
+def _fcos_head(channels: int, num_classes: int, num_convs: int, norm: str) -> FCOSHead:
+    """torchvision's FCOS head with ``num_convs`` shared convs normalised by GroupNorm (its
+    default: those convs keep their channels, a GroupNorm mixes the statistics of its channels)
+    or BatchNorm (prunable, but one set of running statistics for every FPN level)."""
+    head = FCOSHead(channels, 1, num_classes, num_convs)
+    if norm == "batch":
+        head.classification_head = FCOSClassificationHead(
+            channels, 1, num_classes, num_convs, norm_layer=nn.BatchNorm2d
+        )
+        head.regression_head = FCOSRegressionHead(channels, 1, num_convs, norm_layer=nn.BatchNorm2d)
+    elif norm != "group":
+        raise ValueError(f"head_norm must be 'group' or 'batch', got {norm!r}")
+    return head
+
+
+def fcos_mobilenet_v3_small_fpn(
+    num_classes: int,
+    min_size: int = 128,
+    max_size: int = 128,
+    fpn_channels: int = 64,
+    head_convs: int = 2,
+    head_norm: str = "group",
+    **kwargs: Any,
+) -> FCOS:
+    """FCOS on a MobileNetV3-Small FPN with a head of ``head_convs`` convs (``head_norm``: see
+    ``_fcos_head``): anchor-free, so small objects at low resolution get positives; the default
+    of ``experiment=detection_shapes``."""
+    head = _fcos_head(fpn_channels, num_classes, head_convs, head_norm)
+    backbone = _mobilenet_v3_small_fpn(fpn_channels)
+    return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, head=head, **kwargs)
 
 
 def fasterrcnn_mobilenet_v3_fpn(num_classes: int, min_size: int = 128, max_size: int = 128, **kwargs: Any) -> nn.Module:
@@ -75,6 +108,7 @@ DETECTION_ZOO: dict[str, Callable[..., nn.Module]] = {
     "retinanet_resnet18_fpn": retinanet_resnet18_fpn,
     "retinanet_mobilenet_v3_small_fpn": retinanet_mobilenet_v3_small_fpn,
     "fcos_resnet18_fpn": fcos_resnet18_fpn,
+    "fcos_mobilenet_v3_small_fpn": fcos_mobilenet_v3_small_fpn,
     "fasterrcnn_mobilenet_v3_fpn": fasterrcnn_mobilenet_v3_fpn,
 }
 
