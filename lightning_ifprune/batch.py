@@ -46,13 +46,29 @@ def leaves(batch: Batch) -> list[torch.Tensor]:
 
 
 def batch_size(batch: Batch) -> int | None:
-    """Samples in ``batch``: the common leading size of its tensors, else the length of its
-    top-level lists of per-sample items (detection images); None when it cannot be told."""
+    """Samples in ``batch``: the length of its top-level lists of per-sample items (see
+    :func:`sample_lists`), else the common leading size of its tensors; None when it cannot be told."""
+    samples = sample_lists(batch)
+    if samples:
+        return len(samples[0])
     sizes = {t.shape[0] for t in leaves(batch) if t.dim() > 0}
-    if len(sizes) == 1:
-        return sizes.pop()
-    lists = {len(v) for v in _top_items(batch) if isinstance(v, list)}
-    return lists.pop() if len(lists) == 1 else None
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def sample_lists(batch: Batch) -> list[list]:
+    """The top-level lists of ``batch`` that hold one item per sample.
+
+    A list holding dicts (detection targets) is one, and so are the lists of the same length
+    beside it (their images: ``(C, H, W)`` tensors, whose leading size is no sample count).
+    Otherwise: the lists as long as the tensors' common leading size (e.g. names beside
+    images), or, when the tensors' leading sizes disagree, the lists of one common length.
+    """
+    lists = [v for v in _top_items(batch) if isinstance(v, list) and v]
+    keyed = {len(v) for v in lists if any(isinstance(i, Mapping) for i in v)}
+    if len(keyed) != 1:
+        sizes = {t.shape[0] for t in leaves(batch) if t.dim() > 0}
+        keyed = sizes if len(sizes) == 1 else {len(v) for v in lists}
+    return [v for v in lists if len(v) in keyed] if len(keyed) == 1 else []
 
 
 def _top_items(batch: Batch) -> list[Any]:
@@ -70,30 +86,20 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     parts = max(1, min(parts, (n or 0) // 2))
     if parts == 1:
         return [batch]
+    samples = {id(v) for v in sample_lists(batch)}
     bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [_slice(batch, lo, hi, n) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    return [_slice(batch, lo, hi, n, samples) for lo, hi in zip(bounds, bounds[1:], strict=False)]
 
 
-def _slice(batch: Batch, lo: int, hi: int, n: int) -> Batch:
+def _slice(batch: Batch, lo: int, hi: int, n: int, samples: set[int]) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi] if batch.dim() > 0 and batch.shape[0] == n else batch
-    if isinstance(batch, Mapping):
-        return {k: _slice(v, lo, hi, n) for k, v in batch.items()}
-    if (
-        isinstance(batch, list)
-        and len(batch) == n
-        and not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in batch)
-    ):
+    if id(batch) in samples:
         return batch[lo:hi]  # a list of per-sample items
+    if isinstance(batch, Mapping):
+        return {k: _slice(v, lo, hi, n, samples) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice(v, lo, hi, n) for v in batch))
+        return type(batch)(*(_slice(v, lo, hi, n, samples) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice(v, lo, hi, n) for v in batch)
+        return type(batch)(_slice(v, lo, hi, n, samples) for v in batch)
     return batch
-
-
-def first_sample(batch: Batch) -> Batch:
-    """The first sample of ``batch`` as a batch of one (detached, on CPU)."""
-    n = batch_size(batch)
-    part = _slice(batch, 0, 1, n) if n else batch
-    return map_tensors(part, lambda t: t.detach().cpu())

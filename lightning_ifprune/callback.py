@@ -60,7 +60,7 @@ from lightning_ifprune.selection import (
     parse_target,
     select_channels,
 )
-from lightning_ifprune.structure import ChannelStructure, resolve_min_keep
+from lightning_ifprune.structure import ChannelStructure, Example, resolve_min_keep, validate_example_inputs
 from lightning_ifprune.surgery import SurgeryResult, prune_channels
 
 
@@ -89,8 +89,10 @@ class InfluencePruningCallback(Callback):
         normalize: score ÷ cost normalisation, ``"none"``, ``"cost"`` or ``"sqrt"``.
         ignored_layers, min_channels: layers whose channels stay; least channels per group
             (a count, or a fraction of the original width).
-        example_input: a batch to trace the model with (default: the module's
-            ``example_input_array`` or the first sample of the first training batch).
+        example_input: what to trace the model with: a batched tensor, a tuple of positional
+            arguments, a dict of keyword arguments or a list of samples (a detector's images);
+            default: the module's ``example_input_array``, else one sample of the first
+            training batch's inputs (:func:`~lightning_ifprune.fit_loop.trace_example`).
         loss: a closure ``loss(module, batch) -> scalar``; or ``loss_fn(outputs, targets)``
             for ``(inputs, targets)`` batches. Default: the module's own training loss
             (:class:`~lightning_ifprune.fit_loop.TrainingStepLoss`: ``pruning_loss(batch)`` if
@@ -117,7 +119,7 @@ class InfluencePruningCallback(Callback):
         normalize: str = "sqrt",
         ignored_layers: Sequence[str] = (),
         min_channels: int | float = 1,
-        example_input: torch.Tensor | None = None,
+        example_input: Example | None = None,
         loss: LossClosure | None = None,
         loss_fn: OutputsTargetsLoss | None = None,
         verbose: bool = True,
@@ -133,8 +135,8 @@ class InfluencePruningCallback(Callback):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         resolve_min_keep(min_channels, 1)
-        if example_input is not None and not isinstance(example_input, torch.Tensor):
-            raise ValueError("example_input must be a tensor batch, e.g. torch.randn(1, 3, 32, 32)")
+        if example_input is not None:
+            validate_example_inputs(example_input)
         self.num_batches, self.normalize = num_batches, normalize
         self.ignored_layers, self.min_channels = tuple(ignored_layers), min_channels
         self.example_input, self.verbose = example_input, verbose
@@ -322,11 +324,11 @@ class InfluencePruningCallback(Callback):
         log_metrics(trainer, metrics, announce=self.verbose and not self.schedule.progressive)
         return result
 
-    def _structure(self, pl_module: LightningModule, example: torch.Tensor) -> ChannelStructure:
+    def _structure(self, pl_module: LightningModule, example: Example) -> ChannelStructure:
         return ChannelStructure.build(pl_module, example, ignored_layers=self.ignored_layers,
                                       min_channels=self.min_channels, original_sizes=self.original_sizes or None)  # fmt: skip
 
-    def _example(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+    def _example(self, trainer: Trainer, pl_module: LightningModule) -> Example:
         if self.example_input is None:
             self.example_input = trace_example(trainer, pl_module)
         ref = next(pl_module.parameters())

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lightning_ifprune.batch import to_compute
 from lightning_ifprune.structure import ChannelStructure
 from lightning_ifprune.surgery import (
     HistoryStep,
@@ -186,7 +187,7 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any], sourc
         ref = next(module.parameters(), None)
         if ref is None:
             raise CheckpointError(f"{source}: the module has no parameters yet to prune (build its layers first)")
-        example = example.to(ref.device, ref.dtype if example.is_floating_point() else example.dtype)
+        example = to_compute(example, ref.device, ref.dtype)
     with atomic(module):
         for k, step in enumerate(todo, len(done) + 1):
             plan = {str(e["group"]): list(e["indices"]) for e in step}

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_ifprune.batch import Batch, first_sample, to_compute
+from lightning_ifprune.batch import Batch, to_compute
 from lightning_ifprune.estimator import (
     EstimatorOptions,
     compute_dtype,
@@ -30,8 +30,10 @@ from lightning_ifprune.loss import LossClosure, OutputsTargetsLoss, inputs_and_t
 from lightning_ifprune.structure import (
     NORM_TYPES,
     ChannelStructure,
+    Example,
     MaskSpace,
     channel_masks,
+    single_sample,
     validate_example_inputs,
 )
 
@@ -42,7 +44,7 @@ CriterionFn = Callable[[ChannelStructure, Iterable[Batch], LossClosure | None], 
 class ChannelScores(dict):
     """Scores per group, remembering the example inputs they were computed with."""
 
-    example_inputs: torch.Tensor | None = None
+    example_inputs: Example | None = None
 
 
 class Criterion:
@@ -323,7 +325,7 @@ def score_channels(
     batches: Iterable[Batch] = (),
     loss: LossClosure | None = None,
     criterion: str | Criterion | CriterionFn = "influence",
-    example_inputs: torch.Tensor | None = None,
+    example_inputs: Example | None = None,
     *,
     loss_fn: OutputsTargetsLoss | None = None,
     ignored_layers: Iterable[str | nn.Module] = (),
@@ -336,7 +338,9 @@ def score_channels(
     ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches. ``criterion`` is a name
     of :data:`CRITERIA` (``options`` configure it), a :class:`Criterion` object or a
     callable ``fn(structure, batches, loss) -> {group: scores}``. The model is traced with
-    ``example_inputs`` (default: the first sample of the first batch's inputs) and left
+    ``example_inputs`` (what the model is called with, see :mod:`lightning_ifprune.structure.example`;
+    default: the first sample of the first batch's inputs, e.g. one image of a detection
+    batch's image list) and left
     exactly as it was. Group names are the qualified names of their first producer layers.
     """
     chosen = resolve_criterion(criterion, **options)
@@ -345,11 +349,9 @@ def score_channels(
     if example_inputs is None:
         if not batches:
             raise ValueError("give example_inputs= or at least one batch to trace the model with")
-        example_inputs = first_sample(inputs_and_targets(batches[0])[0])
+        example_inputs = single_sample(inputs_and_targets(batches[0])[0])
     ref = next(model.parameters())
-    example = validate_example_inputs(example_inputs).to(ref.device)
-    if example.is_floating_point():
-        example = example.to(ref.dtype)
+    example = to_compute(validate_example_inputs(example_inputs), ref.device, ref.dtype)
     structure = ChannelStructure.build(model, example, ignored_layers=ignored_layers, min_channels=min_channels)
     if not structure.groups:
         raise ValueError("the model has no prunable channel group")

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_ifprune.batch import map_tensors
 from lightning_ifprune.checkpoint import CHECKPOINT_KEY, read_checkpoint, recorded_history, verify_checkpoint_file
+from lightning_ifprune.structure import Example, single_sample
 from lightning_ifprune.surgery import History, replay_history
 
 STATE_FILE = "pruned_state.pt"
@@ -71,7 +73,7 @@ def export_pruned(
     net: nn.Module,
     out_dir: str | PathLike,
     *,
-    example_input: torch.Tensor,
+    example_input: Example,
     history: Iterable[Sequence[Mapping[str, Any]]] | None = None,
     model: str | None = None,
     num_classes: int | None = None,
@@ -91,12 +93,15 @@ def export_pruned(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    example = example_input.detach().cpu()
+    example = map_tensors(example_input, lambda t: t.detach().cpu())
     if history is None:
         history = recorded_history(net)[0]
     payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-        CHECKPOINT_KEY: {"history": plain_history(history), "example_input": example[:1].clone()},
+        CHECKPOINT_KEY: {
+            "history": plain_history(history),
+            "example_input": map_tensors(single_sample(example), torch.clone),
+        },
         "model": model,
         "num_classes": None if num_classes is None else int(num_classes),
         "in_channels": None if in_channels is None else int(in_channels),

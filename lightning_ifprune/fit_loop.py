@@ -18,11 +18,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from lightning_ifprune.batch import Batch, first_sample
+from lightning_ifprune.batch import Batch
 from lightning_ifprune.checkpoint import pruning_state
 from lightning_ifprune.loss import inputs_and_targets
 from lightning_ifprune.selection import Baseline
-from lightning_ifprune.structure import ChannelStructure
+from lightning_ifprune.structure import ChannelStructure, Example, single_sample, validate_example_inputs
 
 
 class TrainingStepLoss:
@@ -31,10 +31,17 @@ class TrainingStepLoss:
     ``module.pruning_loss(batch)`` when the module defines it; else the loss its
     ``training_step(batch, 0)`` returns (a tensor, or the ``"loss"`` of a dict), with
     ``self.log``/``self.log_dict`` silenced and every torchmetrics state restored afterwards,
-    so scoring leaves no trace in the logs or the metrics.
+    so scoring leaves no trace in the logs or the metrics. Either runs on a fork of the random
+    generators: the global RNG is left untouched, and a loss that samples (Faster R-CNN's
+    proposal sampler) samples alike in every evaluation of the same batch.
     """
 
     def __call__(self, module: LightningModule, batch: Batch) -> torch.Tensor:
+        device = getattr(module, "device", torch.device("cpu"))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._loss(module, batch)
+
+    def _loss(self, module: LightningModule, batch: Batch) -> torch.Tensor:
         custom = getattr(module, "pruning_loss", None)
         if callable(custom):
             return custom(batch)
@@ -102,16 +109,33 @@ def draw_batches(trainer: Trainer, pl_module: LightningModule | None, count: int
     return batches
 
 
-def trace_example(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
-    """The input to trace ``pl_module`` with (one sample, on CPU): the one its pruning history
-    recorded, else its ``example_input_array``, else the first sample of a training batch."""
+def trace_example(trainer: Trainer, pl_module: LightningModule) -> Example:
+    """The input to trace ``pl_module`` with (one sample, on CPU), by this rule:
+
+    1. the one its pruning history recorded;
+    2. its ``example_input_array`` (Lightning's convention: a tensor is the input, a tuple
+       positional arguments, a dict keyword arguments; a list is one list of samples);
+    3. else the inputs of the first training batch (``inputs_and_targets``: the first item of
+       a tuple/list batch, the ``"input"`` key or first value of a dict), cut to one sample —
+       for a detection batch ``(images, targets)`` that is ``[images[0]]``.
+
+    See :mod:`lightning_ifprune.structure.example` for what the forms mean.
+    """
     stored = pruning_state(pl_module)["example_input"]
-    array = getattr(pl_module, "example_input_array", None)
     if stored is not None:
         return stored
-    if isinstance(array, torch.Tensor):
-        return array[:1].detach().cpu()
-    return first_sample(inputs_and_targets(draw_batches(trainer, None, 1)[0])[0])
+    array = getattr(pl_module, "example_input_array", None)
+    if array is not None:
+        return single_sample(validate_example_inputs(array))
+    batch = draw_batches(trainer, None, 1)[0]
+    try:
+        inputs = inputs_and_targets(batch)[0]
+    except TypeError as err:
+        raise ValueError(
+            f"InfluencePruningCallback cannot tell the model's input in a {type(batch).__name__} batch ({err}); "
+            "pass example_input= or set the module's example_input_array"
+        ) from err
+    return single_sample(validate_example_inputs(inputs))
 
 
 def optimizer_weight_decay(trainer: Trainer) -> float:

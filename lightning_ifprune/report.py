@@ -108,15 +108,18 @@ def print_summary(summary: Mapping[str, Any]) -> None:
         ratio = f"{after / before:.3f}" if before else ""
         table.add_row(label, _format_value(before), _format_value(after), ratio)
 
-    acc_b, acc_a = summary.get("test_acc_before"), summary.get("test_acc_after")
+    metric = summary.get("metric", "acc")
+    acc_b = summary.get("test_before", summary.get("test_acc_before"))
+    acc_a = summary.get("test_after", summary.get("test_acc_after"))
+    pruned = summary.get("test_pruned", summary.get("test_acc_pruned"))
     table.add_row(
-        "test accuracy",
+        "test accuracy" if metric == "acc" else f"test {metric}",
         pct(acc_b),
         pct(acc_a),
         "" if acc_b is None or acc_a is None else f"{100 * (acc_a - acc_b):+.2f} pts",
     )
-    if summary.get("test_acc_pruned") is not None:
-        table.add_row("  right after pruning, no fine-tune", "", pct(summary["test_acc_pruned"]), "")
+    if pruned is not None:
+        table.add_row("  right after pruning, no fine-tune", "", pct(pruned), "")
     row("MACs per sample", summary["flops_before"], summary["flops_after"])
     row("parameters", summary["params_before"], summary["params_after"])
     row(

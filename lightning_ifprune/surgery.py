@@ -25,11 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_ifprune.batch import map_tensors
 from lightning_ifprune.structure import (
     CONV_TYPES,
     PER_CHANNEL_TYPES,
     WEIGHTED_TYPES,
     ChannelStructure,
+    Example,
+    call_model,
+    single_sample,
 )
 from lightning_ifprune.structure.attention import head_slices, remove_heads
 from lightning_ifprune.structure.ops import is_depthwise
@@ -50,7 +54,7 @@ class PruningPlanError(ValueError):
 
 
 def pruning_state(module: nn.Module) -> dict[str, Any]:
-    """The steps recorded on ``module`` itself: ``{"history": [...], "example_input": Tensor | None}``.
+    """The steps recorded on ``module`` itself: ``{"history": [...], "example_input": Example | None}``.
 
     Its submodules may hold steps of their own (when they were pruned directly); see
     :func:`recorded_history` for all of them.
@@ -68,7 +72,7 @@ def _next_order() -> int:
     return _clock[0]
 
 
-def record_pruning(module: nn.Module, step: HistoryStep, example_input: torch.Tensor) -> None:
+def record_pruning(module: nn.Module, step: HistoryStep, example_input: Example) -> None:
     """Append one applied plan to the module's history.
 
     :func:`prune_channels` records every plan it applies; recording the same step object
@@ -83,10 +87,10 @@ def record_pruning(module: nn.Module, step: HistoryStep, example_input: torch.Te
     order.extend([0] * (len(state["history"]) - len(order)))
     state["history"].append(step)
     order.append(_next_order())
-    state["example_input"] = example_input.detach().cpu()
+    state["example_input"] = map_tensors(example_input, lambda t: t.detach().cpu())
 
 
-def recorded_history(module: nn.Module) -> tuple[History, torch.Tensor | None]:
+def recorded_history(module: nn.Module) -> tuple[History, Example | None]:
     """Every step recorded on ``module`` and its submodules, oldest first, names relative to
     ``module``; and the example input to replay them with (``module``'s own, else the latest
     submodule's)."""
@@ -247,17 +251,17 @@ def prune_channels(structure: ChannelStructure, plan: Mapping[str, Sequence[int]
     new = dict(model.named_parameters())
     replaced = {n: (p, new[n]) for n, p in old.items() if n in new and new[n] is not p}
     result = SurgeryResult(steps, slices, replaced)
-    record_pruning(model, result.history_step, structure.example_inputs[:1])
+    record_pruning(model, result.history_step, single_sample(structure.example_inputs))
     return result
 
 
-def _check_forward(model: nn.Module, example_inputs: torch.Tensor) -> None:
+def _check_forward(model: nn.Module, example_inputs: Example) -> None:
     """Run the pruned model once so a broken surgery fails here, inside the rollback."""
     was = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
-            model(example_inputs)
+            call_model(model, example_inputs)
     finally:
         for m, training in was:
             m.training = training
@@ -271,7 +275,7 @@ def plan_to_history_step(plan: Mapping[str, Sequence[int]]) -> HistoryStep:
 def replay_history(
     model: nn.Module,
     history: Iterable[Sequence[Mapping[str, object]]],
-    example_inputs: torch.Tensor,
+    example_inputs: Example,
 ) -> nn.Module:
     """Apply a recorded history to a freshly built model (in place, all steps or none); returns
     the model. The steps are recorded on it."""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch import LightningDataModule
 from typing_extensions import override
 
 from lightning_ifprune.callback import InfluencePruningCallback
 from lightning_ifprune.checkpoint import save_pruning_state
-from lightning_ifprune.data import ImageDataModule
 from lightning_ifprune.measure import evaluate_accuracy
 
 
@@ -24,19 +25,21 @@ class KeepPruningState(pl.Callback):
 
 
 class PruningMonitor(pl.Callback):
-    """Watches the prune callback: when pruning finished, optionally the test accuracy of the
-    just-pruned net (``acc_pruned``, before any further training), and optionally a stop at
-    the end of that epoch (when a separate fine-tune phase follows)."""
+    """Watches the prune callback: when pruning finished, optionally the test metric of the
+    just-pruned net (``acc_pruned``: ``metric(module, test loader)``, top-1 accuracy by default,
+    before any further training), and optionally a stop at the end of that epoch (when a
+    separate fine-tune phase follows)."""
 
     def __init__(
         self,
         pruner: InfluencePruningCallback,
-        dm: ImageDataModule,
+        dm: LightningDataModule,
         *,
         evaluate: bool,
         stop_when_pruned: bool,
+        metric: Callable[[pl.LightningModule, Iterable], float] = evaluate_accuracy,
     ) -> None:
-        self.pruner, self.dm = pruner, dm
+        self.pruner, self.dm, self.metric = pruner, dm, metric
         self.evaluate, self.stop_when_pruned = evaluate, stop_when_pruned
         self.done = False
         self.acc_pruned: float | None = None
@@ -49,7 +52,7 @@ class PruningMonitor(pl.Callback):
         if self.evaluate:
             if self.dm.test_set is None:
                 self.dm.setup("test")
-            self.acc_pruned = evaluate_accuracy(pl_module, self.dm.test_dataloader())
+            self.acc_pruned = self.metric(pl_module, self.dm.test_dataloader())
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

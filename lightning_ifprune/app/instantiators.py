@@ -11,8 +11,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_ifprune.app.task import task_of
 from lightning_ifprune.callback import InfluencePruningCallback
 from lightning_ifprune.data import ImageDataModule
+from lightning_ifprune.data.shapes import ShapesDetectionDataModule
+from lightning_ifprune.detector import DetectionModule
 from lightning_ifprune.module import ImageClassifier
 
 
@@ -46,10 +49,18 @@ def build_pruner(cfg: DictConfig) -> InfluencePruningCallback | None:
     return pruner
 
 
-def build_module(cfg: DictConfig, dm: ImageDataModule) -> ImageClassifier:
-    """The net of ``cfg.model`` sized for ``dm``, wrapped with its optimizer and scheduler."""
-    net = instantiate(cfg.model.net, num_classes=dm.num_classes, in_channels=dm.input_shape[0])
+def build_module(cfg: DictConfig, dm: ImageDataModule | ShapesDetectionDataModule) -> pl.LightningModule:
+    """The net of ``cfg.model`` sized for ``dm``, wrapped with its optimizer and scheduler in the
+    module of its task (``cfg.model.task``: an ``ImageClassifier``, or a ``DetectionModule``)."""
     scheduler = cfg.model.scheduler
+    if task_of(cfg).name == "detection":
+        return DetectionModule(
+            net=instantiate(cfg.model.net, num_classes=dm.num_classes),
+            num_classes=dm.num_classes,
+            optimizer=instantiate(cfg.model.optimizer),
+            scheduler=instantiate(scheduler) if scheduler is not None else None,
+        )
+    net = instantiate(cfg.model.net, num_classes=dm.num_classes, in_channels=dm.input_shape[0])
     return ImageClassifier(
         net=net,
         num_classes=dm.num_classes,

@@ -124,7 +124,7 @@ def pretrain_cache_file(cfg: DictConfig, epochs: int) -> Path | None:
     key = {
         "data": OmegaConf.to_container(pcfg.data, resolve=True),
         "net": OmegaConf.to_container(pcfg.model.net, resolve=True),
-        "label_smoothing": pcfg.model.label_smoothing,
+        "label_smoothing": pcfg.model.get("label_smoothing"),
         "epochs": epochs,
         "optimizer": optimizer,
         "scheduler": scheduler,

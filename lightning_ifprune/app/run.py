@@ -48,6 +48,7 @@ from lightning_ifprune.app.phases import (
     run_phase,
 )
 from lightning_ifprune.app.summary import RunSummary, Snapshot
+from lightning_ifprune.app.task import Task, task_of
 from lightning_ifprune.checkpoint import recorded_history
 from lightning_ifprune.criteria import criterion_name
 from lightning_ifprune.export import export_pruned, plain_history
@@ -65,9 +66,9 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.output_dir)
     dm = instantiate(cfg.data)
+    task = task_of(cfg)
     module = build_module(cfg, dm)
-    shape = tuple(dm.input_shape)
-    dense_flops, dense_params = measure_cost(module.net, shape)
+    dense_flops, dense_params = measure_cost(module.net, task.example(tuple(dm.input_shape)))
     pruner = build_pruner(cfg)
     if cfg.init_from:
         load_initial_weights(module, cfg.init_from)
@@ -83,7 +84,7 @@ def train(cfg: DictConfig) -> dict:
 
     pre, cached = pretrain(cfg, module, dm, out_dir, [KeepPruningState()])
     tester = pre.trainer or make_test_trainer(cfg)
-    before = Snapshot.take(tester, module, dm, **measure)
+    before = Snapshot.take(tester, module, dm, task, **measure)
 
     ft_epochs = cfg.finetune.epochs
     main_epochs = int(cfg.trainer.max_epochs)
@@ -95,6 +96,7 @@ def train(cfg: DictConfig) -> dict:
                 dm,
                 evaluate=bool(cfg.report.eval_after_pruning),
                 stop_when_pruned=ft_epochs is not None,
+                metric=task.evaluate,
             )
         callbacks = [pruner, monitor] if pruner is not None else [KeepPruningState()]
         prune_run = run_phase(
@@ -120,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
             optimization="finetune",
         )
     last = ft_run.trainer or prune_run.trainer or tester
-    after = Snapshot.take(last, module, dm, **measure)
+    after = Snapshot.take(last, module, dm, task, **measure)
 
     prune_s = sum(pruner.round_times) if pruner is not None else 0.0
     resource = None if pruner is None else pruner.resource
@@ -134,6 +136,7 @@ def train(cfg: DictConfig) -> dict:
         predicted = (pruner.baseline.latency, pruner.latency_ms(module))
         kept["latency"] = predicted[1] / predicted[0]
     device = tester.strategy.root_device
+    pruned = None if monitor is None else monitor.acc_pruned
     summary = RunSummary(
         model=cfg.model.name,
         data=cfg.choices.data,
@@ -142,10 +145,16 @@ def train(cfg: DictConfig) -> dict:
         target=None if pruner is None else float(pruner.target),
         target_resource=resource,
         seed=cfg.seed,
-        test_acc_before=before.test["test/acc"],
-        test_acc_pruned=None if monitor is None else monitor.acc_pruned,
-        test_acc_after=after.test["test/acc"],
-        test_loss=after.test["test/loss"],
+        metric=task.metric,
+        test_before=before.test[f"test/{task.metric}"],
+        test_pruned=pruned,
+        test_after=after.test[f"test/{task.metric}"],
+        test_metrics_before=before.test,
+        test_metrics_after=after.test,
+        test_acc_before=before.test.get("test/acc"),
+        test_acc_pruned=pruned if task.metric == "acc" else None,
+        test_acc_after=after.test.get("test/acc"),
+        test_loss=after.test.get("test/loss"),
         test_acc_top5=after.test.get("test/acc_top5"),
         flops_before=before.flops,
         flops_after=after.flops,
@@ -177,7 +186,7 @@ def train(cfg: DictConfig) -> dict:
         wall_finetune_s=round(prune_run.wall_s - prune_s + ft_run.wall_s, 2),
     )
     if tester.is_global_zero:
-        write_outputs(cfg, module, dm, summary, out_dir, pretrained=pre.trainer is not None)
+        write_outputs(cfg, module, dm, summary, out_dir, pretrained=pre.trainer is not None, task=task)
     summary.wall_s = round(time.perf_counter() - start, 2)
     if tester.is_global_zero:
         summary.write(out_dir / "summary.json")
@@ -203,6 +212,7 @@ def write_outputs(
     summary: RunSummary,
     out_dir: Path,
     pretrained: bool,
+    task: Task,
 ) -> None:
     """The channel plot and the exports; records what was written in ``summary.files``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +234,7 @@ def write_outputs(
         paths = export_pruned(
             module.net,
             out_dir,
-            example_input=torch.zeros(1, *dm.input_shape),
+            example_input=task.example(tuple(dm.input_shape)),
             history=history,
             model=str(net_cfg.pop("name")) if is_zoo else None,
             num_classes=dm.num_classes,

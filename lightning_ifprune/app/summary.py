@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from lightning_ifprune.data import ImageDataModule
+from lightning_ifprune.app.task import Task
 from lightning_ifprune.measure import channel_widths, measure_cost, measure_latency
-from lightning_ifprune.module import ImageClassifier
 
 
 @dataclass
@@ -29,8 +27,9 @@ class Snapshot:
     def take(
         cls,
         trainer: pl.Trainer,
-        module: ImageClassifier,
-        dm: ImageDataModule,
+        module: pl.LightningModule,
+        dm: pl.LightningDataModule,
+        task: Task,
         *,
         latency_batch_size: int,
         latency_iters: int,
@@ -38,22 +37,25 @@ class Snapshot:
         """Test metrics, MACs, parameters, channels and (on rank 0) latency of ``module.net``."""
         test = {k: float(v) for k, v in trainer.test(module, datamodule=dm, verbose=False)[0].items()}
         shape = tuple(dm.input_shape)
-        flops, params = measure_cost(module.net, shape)
-        channels = channel_widths(module.net, torch.zeros(1, *shape))
+        example = task.example(shape)
+        flops, params = measure_cost(module.net, example)
+        channels = channel_widths(module.net, example)
         latency = None
         if trainer.is_global_zero and latency_iters > 0:
-            latency = measure_latency(
-                module.net, shape, trainer.strategy.root_device, latency_batch_size, latency_iters
-            )
+            batch = task.latency_batch(shape, latency_batch_size)
+            latency = measure_latency(module.net, batch, trainer.strategy.root_device, latency_iters)
         return cls(test, flops, params, channels, latency)
 
 
 @dataclass
 class RunSummary:
-    """One run's results. Accuracies are fractions; FLOPs are MACs per sample.
+    """One run's results. Accuracies and mAPs are fractions; FLOPs are MACs per sample.
 
-    ``test_acc_before`` is the network phase 2 starts pruning; ``test_acc_pruned`` the one
-    right after the last round (before further training); ``test_acc_after`` the final one.
+    ``metric`` names the task's headline test metric (``acc``: top-1 accuracy; ``map``: a
+    detector's mAP@[.5:.95]); ``test_before`` is it for the network phase 2 starts pruning,
+    ``test_pruned`` right after the last round (before further training), ``test_after`` for
+    the final one; ``test_metrics_before``/``_after`` hold every test metric (``test/map_50``
+    too). Classification runs also keep them as ``test_acc_*`` (None for other tasks).
     ``dense_*`` describe the freshly built net; ``latency_*`` the median eval forward time of
     a ``latency_batch_size`` batch on ``latency_device`` (``latency_threads`` CPU threads);
     with a latency target, ``latency_predicted_*`` are the pruner's latency model's predictions
@@ -69,10 +71,16 @@ class RunSummary:
     target: float | None
     target_resource: str | None
     seed: int
-    test_acc_before: float
+    metric: str
+    test_before: float
+    test_pruned: float | None
+    test_after: float
+    test_metrics_before: dict[str, float]
+    test_metrics_after: dict[str, float]
+    test_acc_before: float | None
     test_acc_pruned: float | None
-    test_acc_after: float
-    test_loss: float
+    test_acc_after: float | None
+    test_loss: float | None
     test_acc_top5: float | None
     flops_before: int
     flops_after: int

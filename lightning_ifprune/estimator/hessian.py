@@ -35,17 +35,27 @@ class _LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
+class _ClampHardsigmoid(nn.Hardsigmoid):
+    """``nn.Hardsigmoid`` as ``clamp(x / 6 + 1/2, 0, 1)``, the same function: PyTorch's own
+    hardsigmoid kernel cannot be differentiated twice (MobileNetV3's squeeze-excitation)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return (input / 6 + 0.5).clamp(0, 1)
+
+
 @contextmanager
 def estimation_mode(model: nn.Module) -> Iterator[None]:
     """Norm layers in training behaviour without touching running stats; dropout off.
 
-    SyncBatchNorm layers act per rank. Restores every module's mode, class and flag on
+    SyncBatchNorm layers act per rank; ``nn.Hardsigmoid`` runs as a clamp (the same values,
+    twice differentiable). Restores every module's mode, class and flag on
     exit. Autocast is disabled inside, and attention runs in PyTorch's plain (twice
     differentiable) kernel.
     """
     modes = [(m, m.training) for m in model.modules()]
     tracked = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, NORM_TYPES)]
     synced = [(m, type(m)) for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    hard = [m for m in model.modules() if type(m) is nn.Hardsigmoid]
     try:
         for m in model.modules():
             m.training = isinstance(m, NORM_TYPES) or not isinstance(m, nn.modules.dropout._DropoutNd)
@@ -54,6 +64,8 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
         for m, cls in synced:
             if cls is nn.SyncBatchNorm:  # subclasses (timm's SyncBatchNormAct) keep their own forward
                 m.__class__ = _LocalBatchNorm
+        for m in hard:
+            m.__class__ = _ClampHardsigmoid
         device = next(model.parameters()).device.type
         with (
             torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda") else nullcontext(),
@@ -67,6 +79,8 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = flag
         for m, cls in synced:
             m.__class__ = cls
+        for m in hard:
+            m.__class__ = nn.Hardsigmoid
 
 
 @contextmanager

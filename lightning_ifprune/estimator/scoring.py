@@ -108,7 +108,16 @@ def estimate(
             hess = BatchHessian(model, params, to_compute(batch, ref.device, dtype), loss, opts.micro_batches)
             losses.append(hess.loss)
             w = {k: p.detach() for k, p in params.items()}
-            per_batch = _batch_scores(space, hess, w, hess.grad, opts, gen, dtype, ref.device, trainable)
+            try:
+                per_batch = _batch_scores(space, hess, w, hess.grad, opts, gen, dtype, ref.device, trainable)
+            except RuntimeError as err:
+                if "double backward" not in str(err) and "derivative for" not in str(err):
+                    raise
+                raise ValueError(
+                    f"the influence criterion needs second derivatives of the loss, and an op of "
+                    f"{type(model).__name__} has none ({err}; e.g. torchvision's roi_align in Faster R-CNN): "
+                    "use a first-order criterion (fisher, taylor) or magnitude"
+                ) from err
             hess.release()
             for n, s in per_batch.items():
                 sums[n] += s.double()

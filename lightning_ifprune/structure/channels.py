@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import torch
 import torch_pruning as tp
 from torch import nn
 
 from lightning_ifprune.structure.attention import AttentionHeads, find_attention
 from lightning_ifprune.structure.cost import CostModel
+from lightning_ifprune.structure.detection import output_layers, traces_in_eval
+from lightning_ifprune.structure.example import Example, validate_example_inputs
 from lightning_ifprune.structure.graph import refuse_compiled, trace_graph
 from lightning_ifprune.structure.groups import (
     ChannelGroup,
@@ -42,7 +43,7 @@ class ChannelStructure:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs: torch.Tensor,
+        example_inputs: Example,
         graph: tp.DependencyGraph,
         groups: dict[str, ChannelGroup],
         skipped: dict[str, str],
@@ -62,19 +63,25 @@ class ChannelStructure:
     def build(
         cls,
         model: nn.Module,
-        example_inputs: torch.Tensor,
+        example_inputs: Example,
         ignored_layers: Iterable[str | nn.Module] = (),
         min_channels: int | float = 1,
         original_sizes: Mapping[str, int] | None = None,
     ) -> ChannelStructure:
         """Trace ``model`` on ``example_inputs`` and collect its prunable groups.
 
-        ``ignored_layers`` (modules or qualified names) keep every channel they touch.
+        ``example_inputs`` is what ``model`` is called with (:mod:`.example`): a batched
+        tensor, a tuple of positional arguments, a dict of keyword arguments, or a list of
+        samples (the images of a torchvision detector).
+        ``ignored_layers`` (modules or qualified names) keep every channel they touch; so do
+        the output layers of torchvision detectors (:func:`.detection.output_layers`), which
+        are listed in ``skipped``.
         ``min_channels`` is the least each group keeps: a count, or a fraction of the
         group's size in ``original_sizes`` (default: its current size).
 
         The model is traced in training mode (every branch that runs in training, such as
-        auxiliary heads, is seen); buffers, modes and random generators are left as they were.
+        auxiliary heads, is seen), or in eval mode when it holds a torchvision detector;
+        buffers, modes and random generators are left as they were.
 
         Raises :class:`UnsupportedModelError` before anything changes, listing at once every
         module whose channels cannot be removed safely (unknown channel-mixing ops, option-A
@@ -84,13 +91,18 @@ class ChannelStructure:
         and for failures of Torch-Pruning's tracer.
         """
         refuse_compiled(model)
+        example_inputs = validate_example_inputs(example_inputs)
+        outputs = output_layers(model)
+        kept_outputs = {n: m for n, m in model.named_modules() if n in as_name_set(model, outputs)}
         ignored = as_name_set(model, ignored_layers)
         resolve_min_keep(min_channels, 1)  # validates the value early
-        graph, owners = trace_graph(model, example_inputs)
+        graph, owners = trace_graph(
+            model, example_inputs, eval_mode=traces_in_eval(model), outputs=list(kept_outputs.values())
+        )
         order = module_order(model)
-        _refuse_slice_writes(model, graph, owners)
-        try:
-            tp_groups = list(graph.get_all_groups(root_module_types=WEIGHTED_TYPES))
+        _refuse_slice_writes(model, graph, owners, ignored | set(kept_outputs))
+        try:  # groups of output layers are not built: they map through the detector's post-processing
+            tp_groups = list(graph.get_all_groups(list(kept_outputs.values()), root_module_types=WEIGHTED_TYPES))
         except Exception as err:  # noqa: BLE001 - Torch-Pruning's grouping errors are rarely readable
             raise UnsupportedModelError(
                 f"Torch-Pruning could not group the channels of {type(model).__name__}: {type(err).__name__}: {err}"
@@ -112,6 +124,9 @@ class ChannelStructure:
             return parsed
 
         groups, skipped, coefs, issues = parse(ignored)
+        for name, module in kept_outputs.items():
+            if isinstance(module, WEIGHTED_TYPES):
+                skipped[name] = next(w for o, w in outputs.items() if name == o or name.startswith(o + "."))
         for name, why in _unseen_layers(model, example_inputs, graph, owners, ignored).items():
             issues.setdefault(name, why)
         if issues:
@@ -184,12 +199,31 @@ def _channel_slice(node: tp.Node) -> bool:
     return width is None or step != 1 or int(start) != 0 or end is None or int(end) < width
 
 
-def _refuse_slice_writes(model: nn.Module, graph: tp.DependencyGraph, owners: OpOwners) -> None:
+def _channel_region(graph: tp.DependencyGraph, ignored_modules: set[nn.Module]) -> set[tp.Node]:
+    """The graph nodes coupled to the output channels of a prunable Conv/Linear: reached from
+    one's output without crossing another weight layer (in either direction). Slices outside,
+    e.g. on the input images, touch no channel that can be removed."""
+    weighted = {n for m, n in graph.module2node.items() if isinstance(m, WEIGHTED_TYPES)}
+    stack = [o for n in weighted if n.module not in ignored_modules for o in n.outputs]
+    region: set[tp.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in region or node in weighted:
+            continue
+        region.add(node)
+        stack.extend(node.outputs)
+        stack.extend(node.inputs)
+    return region
+
+
+def _refuse_slice_writes(model: nn.Module, graph: tp.DependencyGraph, owners: OpOwners, ignored: set[str]) -> None:
     """Refuse slices of the channel axis (``x[:, :n]``) and in-place writes into a slice (``CopySlices``,
-    except in-place dropout) before Torch-Pruning groups them (which can take very long, e.g. ReXNet)."""
+    except in-place dropout) on prunable channels, before Torch-Pruning groups them (which can
+    take very long, e.g. ReXNet)."""
+    region = _channel_region(graph, {m for n, m in model.named_modules() if n in ignored})
     found: dict[str, str] = {}
     for node in graph.module2node.values():
-        if node.grad_fn is None:
+        if node.grad_fn is None or node not in region:
             continue
         if _channel_slice(node):
             what = "takes a slice of the channels (x[:, a:b])"
@@ -212,7 +246,7 @@ def _refuse_slice_writes(model: nn.Module, graph: tp.DependencyGraph, owners: Op
 
 def _unseen_layers(
     model: nn.Module,
-    example_inputs: torch.Tensor,
+    example_inputs: Example,
     graph: tp.DependencyGraph,
     owners: OpOwners,
     ignored: set[str],

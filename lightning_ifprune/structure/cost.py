@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_ifprune.structure.example import Example, call_model, example_batch_size
 from lightning_ifprune.structure.groups import CostCoef, per_channel_width
 from lightning_ifprune.structure.ops import (
     CONV_TYPES,
@@ -73,18 +74,25 @@ class CostModel:
         self.layers, self.other_macs, self.other_params = layers, other_macs, other_params
 
     @classmethod
-    def measure(cls, model: nn.Module, example_inputs: torch.Tensor, coefs: Iterable[CostCoef]) -> CostModel:
-        """Per-layer terms from the modules, positions and the constant from one counted pass."""
+    def measure(cls, model: nn.Module, example_inputs: Example, coefs: Iterable[CostCoef]) -> CostModel:
+        """Per-layer terms from the modules, positions and the constant from one counted pass.
+
+        A layer called several times (a detection head shared by the FPN levels) counts the
+        output positions of all its calls.
+        """
         positions: dict[str, int] = {}
-        batch = max(int(example_inputs.shape[0]), 1)
+        batch = example_batch_size(example_inputs)
         names = {m: n for n, m in model.named_modules()}
 
         def record(module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
             width = out.shape[1] if isinstance(module, CONV_TYPES) else out.shape[-1]
-            positions[names[module]] = out.numel() // batch // max(width, 1)  # any layout (sequence-first too)
+            count = out.numel() // batch // max(width, 1)  # any layout (sequence-first too)
+            keys = [names[module]]
             if isinstance(module, nn.MultiheadAttention):  # its out_proj is read as a weight, never called
-                positions[f"{names[module]}.out_proj" if names[module] else "out_proj"] = positions[names[module]]
+                keys.append(f"{names[module]}.out_proj" if names[module] else "out_proj")
+            for key in keys:
+                positions[key] = positions.get(key, 0) + count
 
         counted = (*WEIGHTED_TYPES, nn.MultiheadAttention)
         hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, counted)]
@@ -94,7 +102,7 @@ class CostModel:
         try:
             with restore_modes(model), torch.set_grad_enabled(grad), counter:
                 model.eval()
-                model(example_inputs)
+                call_model(model, example_inputs)
         finally:
             for h in hooks:
                 h.remove()

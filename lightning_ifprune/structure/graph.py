@@ -3,6 +3,7 @@
 The trace runs the model in training mode (so branches that only run in training, such as
 auxiliary heads, are part of the graph) with running-statistics norms in eval mode, every
 buffer and the random generators restored afterwards: building a structure changes nothing.
+Models holding a torchvision detector are traced in eval mode instead (:mod:`.detection`).
 The graph's surgery keeps each parameter's memory format (``channels_last`` stays).
 """
 
@@ -16,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_ifprune.structure.example import Example, call_model, example_device
 from lightning_ifprune.structure.groups import UnsupportedModelError
 from lightning_ifprune.structure.ops import op_name
 from lightning_ifprune.structure.tracing import OpOwners, restore_modes
@@ -64,8 +66,9 @@ class FormatKeepingGraph(tp.DependencyGraph):
 
 
 @contextmanager
-def training_trace_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Training mode, norms with running statistics in eval mode; modes, buffers and RNG restored."""
+def trace_mode(model: nn.Module, device: torch.device, eval_mode: bool = False) -> Iterator[None]:
+    """Training mode, norms with running statistics in eval mode (everything in eval mode with
+    ``eval_mode``); modes, buffers and RNG restored."""
     saved = [
         (m, name, buf, buf.detach().clone())
         for m in model.modules()
@@ -75,7 +78,7 @@ def training_trace_mode(model: nn.Module, device: torch.device) -> Iterator[None
     devices = [device] if device.type == "cuda" else []
     with restore_modes(model), torch.random.fork_rng(devices=devices):
         try:
-            model.train()
+            model.train(not eval_mode)
             for m in model.modules():
                 if getattr(m, "track_running_stats", False):
                     m.eval()  # batch statistics of one example would change nothing structural
@@ -99,13 +102,29 @@ def refuse_compiled(model: nn.Module) -> None:
             )
 
 
-def trace_graph(model: nn.Module, example_inputs: torch.Tensor) -> tuple[FormatKeepingGraph, OpOwners]:
-    """The dependency graph of one training-mode forward, and who owns each of its ops."""
+def trace_graph(
+    model: nn.Module,
+    example_inputs: Example,
+    eval_mode: bool = False,
+    outputs: Sequence[nn.Module] = (),
+) -> tuple[FormatKeepingGraph, OpOwners]:
+    """The dependency graph of one training-mode (or eval-mode) forward, and who owns each of its ops.
+
+    What the modules in ``outputs`` return counts as output of the model too (a detector's RPN
+    scores, which its eval-mode detections use only through detached proposals).
+    """
     owners = OpOwners(model)
 
-    def forward(net: nn.Module, x: torch.Tensor):
-        with training_trace_mode(net, x.device), owners.recording():
-            return net(x)
+    def forward(net: nn.Module, x: Example):
+        seen: list = []
+        hooks = [m.register_forward_hook(lambda _m, _a, out: seen.append(out)) for m in outputs]
+        try:
+            with trace_mode(net, example_device(x), eval_mode), owners.recording():
+                out = call_model(net, x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return (out, seen) if outputs else out
 
     graph = FormatKeepingGraph()
     with restore_modes(model), torch.enable_grad():

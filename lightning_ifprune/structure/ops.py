@@ -44,6 +44,9 @@ BATCH_NORM_OPS = frozenset({
 LINEAR_INTERNAL_OPS = frozenset({"Addmm", "Mm", "Bmm", "T", "View", "UnsafeView", "Reshape", "ReshapeAlias"})
 #: Dropout layers: element-wise, also when in place on a view (an autograd ``CopySlices`` node).
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: Custom ops (by autograd node name) that act on every channel alike: torchvision's RoIAlign pools
+#: each channel of its feature map separately (``(N, C, H, W) -> (K, C, h, w)``).
+CHANNEL_PRESERVING_CUSTOM_OPS = frozenset({"GeneratedBackwardFor_torchvision_roi_align_default"})
 #: Ops that keep channels only when they do not act on the channel axis (dim 1).
 AXIS_OPS = frozenset({"Mean", "Sum", "ConstantPadNd", "Amax", "Amin"})
 
@@ -110,4 +113,11 @@ def keeps_channels(grad_fn: object) -> bool:
     name = op_name(grad_fn)
     if name == "AsStrided":
         return only_restrides(grad_fn)
-    return name in CHANNEL_PRESERVING_OPS or (name in AXIS_OPS and not acts_on_channels(grad_fn, name))
+    if name == "IndexPut":  # x[rows] = y (the per-level RoI features into one batch): rows only
+        indices = list(getattr(grad_fn, "_saved_indices", ()))
+        return len(indices) == 1 and indices[0] is not None
+    return (
+        name in CHANNEL_PRESERVING_OPS
+        or name in CHANNEL_PRESERVING_CUSTOM_OPS
+        or (name in AXIS_OPS and not acts_on_channels(grad_fn, name))
+    )

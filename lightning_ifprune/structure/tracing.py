@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from lightning_ifprune.structure.example import Example, call_model
 
 
 @contextmanager
@@ -51,17 +53,6 @@ def resolve_min_keep(min_channels: int | float, size: int) -> int:
     if min_channels != int(min_channels):
         raise ValueError(f"min_channels must be a whole count (≥ 1) or a fraction in (0, 1), got {min_channels!r}")
     return int(min_channels)
-
-
-def validate_example_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """The single input tensor a structure is traced with (a batch of at least one sample)."""
-    if isinstance(example_inputs, (list, tuple)):
-        if len(example_inputs) != 1:
-            raise ValueError("example_inputs must be one tensor (models with several inputs are not supported)")
-        example_inputs = example_inputs[0]
-    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
-        raise ValueError("example_inputs must be a batched tensor, e.g. shape (1, C, H, W)")
-    return example_inputs
 
 
 def _grad_fns(obj: object) -> list:
@@ -132,14 +123,14 @@ class OpOwners:
         return best
 
 
-def reached_in_eval(model: nn.Module, example_inputs: torch.Tensor) -> set[nn.Module]:
+def reached_in_eval(model: nn.Module, example_inputs: Example) -> set[nn.Module]:
     """Modules an eval-mode forward on ``example_inputs`` calls (modes restored)."""
     reached: set[nn.Module] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _a: reached.add(mod)) for m in model.modules()]
     try:
         with restore_modes(model), torch.no_grad():
             model.eval()
-            model(example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
