@@ -32,7 +32,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from scipy import stats
 
 import lightning_ifprune as lip
 from lightning_ifprune.data import DigitsDataModule, FashionMNISTDataModule
@@ -41,6 +40,7 @@ from lightning_ifprune.module import ImageClassifier
 from lightning_ifprune.selection import kept_fraction
 
 sys.path.insert(0, str(Path(__file__).parent))
+from paired import mean_ci  # noqa: E402
 from peers import TPGroupMagnitude, TPGroupTaylor  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -209,15 +209,6 @@ def fmt(x: float | None) -> str:
 def log(msg: str) -> None:
     """Progress on stderr."""
     print(msg, file=sys.stderr, flush=True)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean, std (ddof 1) and the 95 % t half-width of the mean."""
-    a = np.asarray(values, dtype=float)
-    if len(a) < 2:
-        return float(a.mean()), math.nan, math.nan
-    sd = float(a.std(ddof=1))
-    return float(a.mean()), sd, float(stats.t.ppf(0.975, len(a) - 1) * sd / math.sqrt(len(a)))
 
 
 def summarize(raw: dict[str, dict[int, dict[str, Any]]], rows: list[str]) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 For every seed the detector is pre-trained once (``pretrain.cache_dir``) and each criterion
 prunes that same network with the same schedule and fine-tune; the table gives the mean ± std
 over seeds of mAP before, right after the last round and after fine-tuning, and the paired
-difference of the final mAP to influence's. One thread, in sequence:
+difference of the final mAP to influence's with its 95 % t interval. One thread, in sequence:
 
     python benchmarks/detection.py                       # influence fisher taylor magnitude, seeds 0 1 2
     python benchmarks/detection.py --criteria fisher --seeds 0
@@ -18,6 +18,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from paired import paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "detection.json"
@@ -40,12 +43,15 @@ def mean_std(values: list[float]) -> str:
 
 def table(rows: dict[str, list[dict]]) -> str:
     """A markdown table of mAP before / pruned / after and the paired difference to influence."""
-    lines = ["| criterion | FLOPs kept | mAP before | mAP right after pruning | mAP after fine-tune | Δ vs influence |",
+    lines = ["| criterion | FLOPs kept | mAP before | mAP right after pruning | mAP after fine-tune | Δ vs influence [95 % CI] |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     ref = {r["seed"]: r["test_after"] for r in rows.get("influence", [])}
     for name, runs in rows.items():
-        diffs = [r["test_after"] - ref[r["seed"]] for r in runs if r["seed"] in ref]
-        delta = mean_std(diffs) if diffs and name != "influence" else "–"
+        after = [r["test_after"] for r in runs if r["seed"] in ref]
+        delta = "–"
+        if after and name != "influence":
+            d, half = paired(after, [ref[r["seed"]] for r in runs if r["seed"] in ref])
+            delta = f"{100 * d:+.1f} [{100 * (d - half):+.1f}, {100 * (d + half):+.1f}]"
         pruned = [r["test_pruned"] for r in runs if r["test_pruned"] is not None]
         lines.append(
             f"| {name} | {statistics.mean(r['flops_kept'] for r in runs):.3f} | "

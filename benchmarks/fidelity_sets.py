@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
 import lightning_ifprune as lip
@@ -42,6 +41,7 @@ from lightning_ifprune.structure import ChannelStructure
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fidelity as fid  # noqa: E402
+from paired import mean_ci  # noqa: E402
 from peers import TPGroupMagnitude, TPGroupTaylor  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fidelity_sets.json"
@@ -160,11 +160,7 @@ def summarize(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for r in labels:
         diff = loss[r] - loss[best]
-        half = (
-            float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff)))
-            if len(diff) > 1
-            else math.nan
-        )
+        _, _, half = mean_ci(diff)
         rows = [s["rows"][r] for s in per_seed]
         table.append({
             "criterion": r, "best": best, "n": len(diff),

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).parent))
+from paired import paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("flops=0.5", "latency=matched", "latency=0.5")
@@ -43,14 +45,6 @@ def run_train(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads((out_dir / "summary.json").read_text())
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of ``a - b`` and the 95 % t half-width (nan for fewer than two pairs)."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if len(d) < 2:
-        return float(d.mean()), math.nan
-    return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,8 @@ from lightning_ifprune.app.instantiators import build_loggers, build_module, bui
 from lightning_ifprune.app.phases import phase_optimization_nodes, set_phase_optimization
 from lightning_ifprune.criteria import criterion_name
 from lightning_ifprune.data import ImageDataModule
+from lightning_ifprune.data.shapes import ShapesDetectionDataModule
+from lightning_ifprune.detector import DetectionModule
 from lightning_ifprune.module import ImageClassifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -63,7 +65,7 @@ def test_data_options_instantiate(name: str, tmp_path: Path, compose_cfg) -> Non
     cfg = compose_cfg(tmp_path, f"data={name}", f"data_dir={tmp_path}")
     assert cfg.choices.data == name
     dm = instantiate(cfg.data)
-    assert isinstance(dm, ImageDataModule)
+    assert isinstance(dm, ShapesDetectionDataModule if name == "detection_shapes" else ImageDataModule)
     assert dm.num_classes >= 2 and len(dm.input_shape) == 3
     if hasattr(dm, "data_dir"):  # on-disk datasets live under cfg.data_dir
         assert str(dm.data_dir).startswith(str(tmp_path))
@@ -71,10 +73,11 @@ def test_data_options_instantiate(name: str, tmp_path: Path, compose_cfg) -> Non
 
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_instantiate(name: str, tmp_path: Path, compose_cfg) -> None:
-    cfg = compose_cfg(tmp_path, f"model={name}", "data=synthetic")
+    detection = OmegaConf.load(CONF / "model" / f"{name}.yaml").get("task") == "detection"
+    cfg = compose_cfg(tmp_path, f"model={name}", f"data={'detection_shapes' if detection else 'synthetic'}")
     dm = instantiate(cfg.data)
     module = build_module(cfg, dm)
-    assert isinstance(module, ImageClassifier)
+    assert isinstance(module, DetectionModule if detection else ImageClassifier)
     assert cfg.model.net.name == name
     optimizers = module.configure_optimizers()
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
@@ -187,7 +190,7 @@ def test_experiment_options_instantiate(name: str, tmp_path: Path, compose_cfg) 
     assert cfg.task_name == name
     assert cfg.choices.data and cfg.choices.model and cfg.model.name
     dm = instantiate(cfg.data)
-    assert isinstance(dm, ImageDataModule)
+    assert isinstance(dm, (ImageDataModule, ShapesDetectionDataModule))
     module = build_module(cfg, dm)
     for phase, epochs in (
         ("pretrain", cfg.pretrain.epochs),
