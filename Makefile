@@ -19,11 +19,13 @@ train: $(STAMP)
 	$(PY) train.py prune=influence $(ARGS)
 
 SOURCES := lightning_ifprune tests benchmarks examples train.py
+# Test processes (pytest-xdist): the zoo sweep alone is minutes of single-threaded work per core.
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m ruff check $(SOURCES)
 	$(PY) -m ruff format --check $(SOURCES)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check --fix $(SOURCES)

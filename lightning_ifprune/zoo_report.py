@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import signal
+import multiprocessing
+import resource
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,26 +60,47 @@ class ZooModel:
         return build_model(name, num_classes=NUM_CLASSES, in_channels=3, **self.kwargs)
 
 
-TORCHVISION = [
-    ZooModel("resnet18", "torchvision"),
-    ZooModel("resnet50", "torchvision", slow=True),
-    ZooModel("mobilenet_v2", "torchvision"),
-    ZooModel("mobilenet_v3_small", "torchvision"),
-    ZooModel("efficientnet_b0", "torchvision", slow=True),
-    ZooModel("regnet_y_400mf", "torchvision"),
-    ZooModel("densenet121", "torchvision", size=32, slow=True),
-    ZooModel("vgg11_bn", "torchvision", size=32, slow=True),
-    ZooModel("mnasnet0_5", "torchvision"),
-    ZooModel("squeezenet1_0", "torchvision"),
-    ZooModel("googlenet", "torchvision", slow=True, kwargs={"aux_logits": True, "init_weights": True}),
-    ZooModel("shufflenet_v2_x0_5", "torchvision"),
-    ZooModel("convnext_tiny", "torchvision", size=32, slow=True),
-    ZooModel("vit_b_16", "torchvision", size=32, slow=True, kwargs={"image_size": 32}, criterion="taylor"),
-    ZooModel("vit_b_32", "torchvision", size=32, slow=True, kwargs={"image_size": 32}, criterion="taylor"),
-]
+#: The sweep's limit: every torchvision classification model with at most this many parameters.
+MAX_PARAMS = 150_000_000
+#: Per model: what differs from the default (64×64 input, magnitude criterion); "slow" is set
+#: for models above 20M parameters.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "googlenet": {"kwargs": {"aux_logits": True, "init_weights": True}},
+    "inception_v3": {"size": 299, "kwargs": {"aux_logits": True, "init_weights": True}},  # the aux head needs 299
+    "maxvit_t": {"size": 224},  # 7×7 windows at every stage
+    "vit_b_16": {"size": 32, "kwargs": {"image_size": 32}, "criterion": "taylor"},
+    "vit_b_32": {"size": 32, "kwargs": {"image_size": 32}, "criterion": "taylor"},
+}
+SMALL_INPUT = ("vgg", "densenet", "convnext")  # 32×32 is enough and much cheaper
+
+
+def torchvision_models() -> list[ZooModel]:
+    """Every torchvision classification model with at most :data:`MAX_PARAMS` parameters (the
+    count from its weights' metadata: nothing is downloaded)."""
+    import torchvision.models as tvm
+
+    specs = []
+    for name in tvm.list_models(module=tvm):
+        params = tvm.get_model_weights(name).DEFAULT.meta["num_params"]
+        if params > MAX_PARAMS:
+            continue
+        options = {"size": 32} if name.startswith(SMALL_INPUT) else {}
+        options.update(OVERRIDES.get(name, {}))
+        specs.append(ZooModel(name, "torchvision", slow=params > 20_000_000 or options.get("size", 64) > 64, **options))
+    return specs
+
+
+TORCHVISION = torchvision_models()
+#: Popular timm CNNs (and one ViT); random init, 64×64 unless said otherwise.
 TIMM = [
     ZooModel("resnet18", "timm"),
+    ZooModel("resnet50", "timm", slow=True),
+    ZooModel("seresnet50", "timm", slow=True),
+    ZooModel("resnext50_32x4d", "timm", slow=True),
+    ZooModel("res2net50_26w_4s", "timm", slow=True),
     ZooModel("efficientnet_b0", "timm", slow=True),
+    ZooModel("efficientnet_lite0", "timm"),
+    ZooModel("mobilenetv2_100", "timm"),
     ZooModel("mobilenetv3_large_100", "timm"),
     ZooModel("regnety_016", "timm", slow=True),
     ZooModel("densenet121", "timm", size=32, slow=True),
@@ -86,6 +108,9 @@ TIMM = [
     ZooModel("cspresnet50", "timm", slow=True),
     ZooModel("mixnet_s", "timm"),
     ZooModel("rexnet_100", "timm"),
+    ZooModel("dla34", "timm"),
+    ZooModel("dpn68", "timm"),
+    ZooModel("hrnet_w18_small", "timm", slow=True),
     ZooModel("convnext_nano", "timm", size=32),
     ZooModel("vit_small_patch16_224", "timm", size=32, kwargs={"img_size": 32}, criterion="taylor"),
 ]
@@ -107,6 +132,7 @@ class ZooResult:
     flops_after: int = 0
     flops_target: float = 0.0
     torch_pruning: str = ""
+    seconds: float = 0.0  # our check's wall time (Torch-Pruning's run not included)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
@@ -208,34 +234,34 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-@contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """Raise :class:`TimeoutError` after ``seconds`` (SIGALRM, main thread; no limit elsewhere)."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
+def torch_pruning_result(spec: ZooModel, limit_s: int = 60, memory_gb: int = 8) -> str:
+    """Torch-Pruning 1.6.1's ``MagnitudePruner`` at ratio 0.5 on the same model: ran or failed.
 
-    def expire(_signum, _frame):
-        raise TimeoutError(f"did not finish within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    It runs in a forked process capped at ``memory_gb`` of address space and ``limit_s``
+    seconds: its grouping can exhaust memory (MaxViT) or not finish (ReXNet)."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_tp_child, args=(spec, memory_gb, send), daemon=True)
+    child.start()
+    send.close()
     try:
-        yield
+        if not receive.poll(limit_s):
+            return f"failed: did not finish within {limit_s} s"
+        return receive.recv()
+    except EOFError:
+        return f"failed: its process died (exit code {child.exitcode}; over {memory_gb} GB?)"
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        child.kill()
+        child.join()
 
 
-def torch_pruning_result(spec: ZooModel, limit_s: int = 60) -> str:
-    """Torch-Pruning 1.6.1's ``MagnitudePruner`` at ratio 0.5 on the same model: ran or failed."""
-    model = spec.build()
-    x = torch.randn(1, 3, spec.size, spec.size)
+def _tp_child(spec: ZooModel, memory_gb: int, send: Any) -> None:
+    """In the forked process: cap the memory, prune with Torch-Pruning, send the outcome."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
     try:
-        with time_limit(limit_s):
-            return _tp_prune(model, x)
-    except Exception as err:  # noqa: BLE001 - the comparison records any failure
-        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+        send.send(_tp_prune(spec.build(), torch.randn(1, 3, spec.size, spec.size)))
+    except BaseException as err:  # noqa: BLE001 - the comparison records any failure
+        send.send(f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}")
 
 
 def _tp_prune(model: nn.Module, x: torch.Tensor) -> str:
@@ -264,10 +290,12 @@ def check_model(spec: ZooModel, compare: bool = False) -> ZooResult:
     result = ZooResult(spec.name, spec.source, "pruned")
     if compare:
         result.torch_pruning = torch_pruning_result(spec)
+    start = time.perf_counter()
     try:
         structure, result.max_mask_error = mask_vs_removal(model, x)
     except UnsupportedModelError as err:
         result.status, result.reason = "refused", str(err)
+        result.seconds = time.perf_counter() - start
         return result
     result.groups, result.channels = len(structure.groups), sum(structure.widths().values())
     result.flops_target = flops_target(structure)
@@ -285,6 +313,7 @@ def check_model(spec: ZooModel, compare: bool = False) -> ZooResult:
             f"target {result.flops_target:.3f}"
         )
     train_step(model, x)
+    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -322,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for spec in specs:
         results.append(check_model(spec, compare=True))
-        print(f"{spec.id}: {results[-1].status}; Torch-Pruning {results[-1].torch_pruning}", file=sys.stderr)
+        done = results[-1]
+        print(f"{spec.id}: {done.status} ({done.seconds:.1f} s); Torch-Pruning {done.torch_pruning}", file=sys.stderr)
     print(markdown_table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

@@ -153,8 +153,40 @@ def test_detector_masks_equal_removal_and_output_layers_stay(name: str) -> None:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))
 
 
-def test_influence_on_faster_rcnn_is_a_clear_error(state_snapshot) -> None:
-    """roi_align has no second derivative: the influence criterion says so and changes nothing."""
+def test_roi_align_is_twice_differentiable_while_estimating() -> None:
+    """Inside ``estimation_mode`` torchvision's RoI pooler gives the same values and gradients as
+    its C++ kernel (which has no double backward), has a second derivative, and is restored."""
+    from torchvision.ops import MultiScaleRoIAlign, poolers
+
+    torch.manual_seed(0)
+    pool = nn.ModuleDict(
+        {"conv": nn.Conv2d(4, 4, 1), "pool": MultiScaleRoIAlign(["0"], output_size=3, sampling_ratio=2)}
+    )
+    features = torch.randn(2, 4, 16, 16, dtype=torch.float64, requires_grad=True)
+    boxes = [torch.tensor([[1.0, 2.0, 9.0, 12.0], [0.0, 0.0, 15.0, 15.0]], dtype=torch.float64)] * 2
+    weights = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        out = pool["pool"]({"0": features}, boxes, [(64, 64)] * 2)
+        (grad,) = torch.autograd.grad((out * weights).square().sum(), features, create_graph=True)
+        return out, grad
+
+    original = poolers.roi_align
+    reference, ref_grad = run()
+    with pytest.raises(RuntimeError, match="double backward|derivative for"):
+        torch.autograd.grad(ref_grad.sum(), features)
+    with lip.estimator.estimation_mode(pool):
+        out, grad = run()
+        (second,) = torch.autograd.grad(grad.square().sum(), features)
+    assert poolers.roi_align is original
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad, ref_grad)
+    assert second.abs().sum() > 0
+
+
+def test_influence_scores_faster_rcnn(state_snapshot) -> None:
+    """Faster R-CNN (RoI align in its box head) is scored by influence: finite scores for every
+    group, the model untouched."""
     model = detector("fasterrcnn_mobilenet_v3_fpn").train()
     images, targets = detection_collate([ShapesDataset(2, 0, size=SIZE)[i] for i in range(2)])
 
@@ -162,8 +194,32 @@ def test_influence_on_faster_rcnn_is_a_clear_error(state_snapshot) -> None:
         return sum(net(*batch).values())
 
     before = state_snapshot(model)
-    with pytest.raises(ValueError, match="second derivatives.*roi_align"):
-        lip.score_channels(model, [(images, targets)], loss=loss, criterion="influence")
+    structure = lip.ChannelStructure.build(model, [images[0]])
+    scores = lip.score_channels(model, [(images, targets)], loss=loss, criterion="influence")
+    before.assert_unchanged()
+    assert set(scores) == set(structure.groups)
+    assert all(torch.isfinite(s).all() for s in scores.values())
+    assert any(s.abs().sum() > 0 for s in scores.values())
+
+
+def test_an_op_without_second_derivatives_is_a_clear_error(state_snapshot) -> None:
+    """torchvision's RoI pooling kernel has no double backward: influence says so, changes nothing."""
+    from torchvision.ops import roi_pool
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]]).expand(len(x), 4)
+            return roi_pool(self.b(self.a(x)), list(boxes.unsqueeze(1)), 1).flatten(1)
+
+    model = Net()
+    x, y = torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 0, 1])
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="second derivatives.*Net has none"):
+        lip.score_channels(model, [(x, y)], loss_fn=nn.functional.cross_entropy, criterion="influence")
     before.assert_unchanged()
 
 

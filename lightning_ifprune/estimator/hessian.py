@@ -8,6 +8,7 @@ on batch statistics (running statistics untouched), dropout off, float32 (never 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 
@@ -43,12 +44,49 @@ class _ClampHardsigmoid(nn.Hardsigmoid):
         return (input / 6 + 0.5).clamp(0, 1)
 
 
+def _eager_roi_align(
+    input: torch.Tensor,
+    boxes: torch.Tensor | list[torch.Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """torchvision's ``roi_align`` through its pure-PyTorch implementation, uncompiled: the same
+    values, and twice differentiable (the C++ kernel has no double backward)."""
+    from torch.nn.modules.utils import _pair
+    from torchvision.ops._utils import convert_boxes_to_roi_format
+
+    module = importlib.import_module("torchvision.ops.roi_align")  # the module: the package's name is the function
+
+    rois = boxes if isinstance(boxes, torch.Tensor) else convert_boxes_to_roi_format(boxes)
+    height, width = _pair(output_size)
+    raw = getattr(module._roi_align, "__wrapped__", module._roi_align)  # skip its lazy torch.compile
+    return raw(input, rois, spatial_scale, height, width, sampling_ratio, aligned)
+
+
+@contextmanager
+def _twice_differentiable_roi_align(model: nn.Module) -> Iterator[None]:
+    """Run the RoI poolers of ``model`` (Faster/Mask R-CNN's box head) on :func:`_eager_roi_align`."""
+    if not any(type(m).__name__ == "MultiScaleRoIAlign" for m in model.modules()):
+        yield
+        return
+    from torchvision.ops import poolers
+
+    original = poolers.roi_align
+    poolers.roi_align = _eager_roi_align
+    try:
+        yield
+    finally:
+        poolers.roi_align = original
+
+
 @contextmanager
 def estimation_mode(model: nn.Module) -> Iterator[None]:
     """Norm layers in training behaviour without touching running stats; dropout off.
 
-    SyncBatchNorm layers act per rank; ``nn.Hardsigmoid`` runs as a clamp (the same values,
-    twice differentiable). Restores every module's mode, class and flag on
+    SyncBatchNorm layers act per rank; ``nn.Hardsigmoid`` runs as a clamp and torchvision's
+    RoI align on its pure-PyTorch implementation (the same values, twice differentiable). Restores every module's mode, class and flag on
     exit. Autocast is disabled inside, and attention runs in PyTorch's plain (twice
     differentiable) kernel.
     """
@@ -70,6 +108,7 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
         with (
             torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda") else nullcontext(),
             sdpa_kernel(SDPBackend.MATH),  # the fused attention kernels have no second derivatives
+            _twice_differentiable_roi_align(model),
         ):
             yield
     finally:

@@ -11,7 +11,7 @@ from lightning_ifprune.structure.attention import AttentionHeads, find_attention
 from lightning_ifprune.structure.cost import CostModel
 from lightning_ifprune.structure.detection import output_layers, traces_in_eval
 from lightning_ifprune.structure.example import Example, validate_example_inputs
-from lightning_ifprune.structure.graph import refuse_compiled, trace_graph
+from lightning_ifprune.structure.graph import refuse_compiled, refuse_unsupported_modules, trace_graph
 from lightning_ifprune.structure.groups import (
     ChannelGroup,
     CostCoef,
@@ -91,6 +91,7 @@ class ChannelStructure:
         and for failures of Torch-Pruning's tracer.
         """
         refuse_compiled(model)
+        refuse_unsupported_modules(model)
         example_inputs = validate_example_inputs(example_inputs)
         outputs = output_layers(model)
         kept_outputs = {n: m for n, m in model.named_modules() if n in as_name_set(model, outputs)}

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_ifprune.structure.example import Example, call_model, example_device
 from lightning_ifprune.structure.groups import UnsupportedModelError
-from lightning_ifprune.structure.ops import op_name
+from lightning_ifprune.structure.ops import UNSUPPORTED_MODULES, op_name
 from lightning_ifprune.structure.tracing import OpOwners, restore_modes
 
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -88,6 +88,20 @@ def trace_mode(model: nn.Module, device: torch.device, eval_mode: bool = False) 
                 for m, name, buf, value in saved:
                     buf.copy_(value)
                     m._buffers[name] = buf
+
+
+def refuse_unsupported_modules(model: nn.Module) -> None:
+    """Refuse, by name and before tracing, the module types of :data:`UNSUPPORTED_MODULES`."""
+    found = [(n, type(m).__name__) for n, m in model.named_modules() if type(m).__name__ in UNSUPPORTED_MODULES]
+    if found:
+        listed = ", ".join(f"'{n}' ({t})" for n, t in found[:3]) + (
+            f" and {len(found) - 3} more" if len(found) > 3 else ""
+        )
+        why = "; ".join(f"{t} {UNSUPPORTED_MODULES[t]}" for t in dict.fromkeys(t for _, t in found))
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: module(s) {listed}: {why}; lightning_ifprune does not support "
+            "this channel mapping and cannot prune this model"
+        )
 
 
 def refuse_compiled(model: nn.Module) -> None:

@@ -47,6 +47,12 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
 #: Custom ops (by autograd node name) that act on every channel alike: torchvision's RoIAlign pools
 #: each channel of its feature map separately (``(N, C, H, W) -> (K, C, h, w)``).
 CHANNEL_PRESERVING_CUSTOM_OPS = frozenset({"GeneratedBackwardFor_torchvision_roi_align_default"})
+#: Module types refused by name before tracing, with why: their channel mapping is beyond the
+#: machinery, and Torch-Pruning's grouping of them does not finish (it exhausts memory).
+UNSUPPORTED_MODULES = {
+    "RelativePositionalMultiHeadAttention": "partitions channels-last windows and grids and splits "
+    "q/k/v along the last axis (torchvision MaxViT)",
+}
 #: Ops that keep channels only when they do not act on the channel axis (dim 1).
 AXIS_OPS = frozenset({"Mean", "Sum", "ConstantPadNd", "Amax", "Amin"})
 
