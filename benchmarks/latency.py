@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from lightning_ifprune import prune_to_target, score_channels
-from lightning_ifprune.latency import LatencyModel, fix_glibc_malloc, timer_measure
+from lightning_ifprune.latency import LatencyModel, device_name, fix_glibc_malloc, timer_measure
 from lightning_ifprune.latency import channel_block as latency_block
 from lightning_ifprune.models import build_model
 from lightning_ifprune.structure import ChannelStructure
@@ -67,7 +67,11 @@ def run_model(
         for fraction in fractions:
             net = build_model(arch, num_classes=10 if shape[-1] == 32 else 1000).to(device).eval()
             net.load_state_dict(dense.state_dict())
-            report = prune_to_target(net, scores, **{resource: fraction}, latency_model=latency, round_to=round_to)
+            try:
+                report = prune_to_target(net, scores, **{resource: fraction}, latency_model=latency, round_to=round_to)
+            except ValueError as err:  # an unreachable target is a result too
+                rows.append({"model": name, "target": f"{resource}={fraction:g}", "unreachable": str(err)})
+                continue
             pairs = [(measure_ms(dense, shape, batch, device), measure_ms(net, shape, batch, device)) for _ in range(3)]
             dense_ms, measured = (statistics.median(p) for p in zip(*pairs, strict=True))
             predicted = report.latency_after_ms
@@ -121,6 +125,9 @@ def main() -> None:
     for name in args.models.split(","):
         for r in run_model(name, fractions, device, args.quick, args.round_to):
             rows.append(r)
+            if "unreachable" in r:
+                print(f"{r['model']:13} {r['target']:13} {r['unreachable']}", flush=True)
+                continue
             print(
                 f"{r['model']:13} {r['target']:13} {r['flops_kept']:10.3f} {r['predicted_kept']:9.3f} "
                 f"{r['measured_kept']:9.3f} {r['predicted_ms']:8.2f} {r['measured_ms']:8.2f} "
@@ -130,8 +137,10 @@ def main() -> None:
             )
     result = {
         "rows": rows,
-        "max_abs_prediction_error": max(abs(r["prediction_error"]) for r in rows),
-        "max_abs_speedup_error": max(abs(r["speedup_error"]) for r in rows),
+        "max_abs_prediction_error": max(
+            (abs(r["prediction_error"]) for r in rows if "unreachable" not in r), default=None
+        ),
+        "max_abs_speedup_error": max((abs(r["speedup_error"]) for r in rows if "unreachable" not in r), default=None),
         "quick": args.quick,
         "round_to": args.round_to,
         "channel_block": latency_block(device),
@@ -140,7 +149,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "device_name": device_name(device),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ class InfluencePruningCallback(Callback):
         round_to: every pruned group keeps a multiple of it (rounded down, never below
             ``min_channels``, the target still met). ``"auto"`` (default): with a latency
             target the device's channel block (16 on an AVX-512 CPU, 8 with AVX2 or on CUDA),
-            else no rounding; None: never round.
+            halved while the target is unreachable at it, else no rounding; None: never round.
         start_epoch, end_epoch, rounds, split, every_n_steps, channels_per_step: the
             schedule (:class:`~lightning_ifprune.schedule.PruningSchedule`): ``rounds`` rounds
             at epoch starts from ``start_epoch`` to ``end_epoch``, or progressive steps of

@@ -14,9 +14,10 @@ overpredicted heavily pruned nets by up to 50 %.
 Convolution latency is a step function of the widths: the kernels work on blocks of channels
 (oneDNN: 16 with AVX-512, 8 with AVX2; tensor cores: 8), and a width just below a multiple
 runs no faster than the multiple (measured here: 62 or 50 output channels slower than 64).
-Convolution grids are therefore measured at multiples of the block (:func:`channel_block`) and
-a width is priced as the next multiple; ``round_to="auto"`` keeps latency-targeted widths at
-multiples, where the prediction is a measured point or between two.
+Convolution grids are therefore measured at multiples of the block (:func:`channel_block`),
+plus 1 and half a block (a layer one block wide can still get cheaper), and a width above the
+first block is priced as the next multiple; ``round_to="auto"`` keeps latency-targeted widths
+at multiples, where the prediction is a measured point or between two.
 
 Measurements are cached on disk (JSON, one file per environment: device, torch version, CPU
 threads), one entry per layer signature (op, kernel, stride, padding, groups, input spatial
@@ -177,7 +178,7 @@ class LayerGrid:
     ins: list[int]
     outs: list[int]
     table: list[list[float]]  # table[i][j]: ins[i] inputs, outs[j] outputs
-    block: int = 1  # widths cost what the next multiple of ``block`` costs (at most the full width)
+    block: int = 1  # widths above one block cost what the next multiple costs (at most the full width)
 
     def __call__(self, n_in: int, n_out: int) -> float:
         i, a = _segment(self.ins, _padded(n_in, self.block, self.ins[-1]))
@@ -188,8 +189,9 @@ class LayerGrid:
 
 
 def _padded(width: int, block: int, full: int) -> int:
-    """``width`` rounded up to a multiple of ``block``, at most ``full``."""
-    return min(full, -(-width // block) * block) if width > 0 else width
+    """``width`` rounded up to a multiple of ``block``, at most ``full``; widths within the
+    first block stay as they are (they are measured: :func:`grid_axis`)."""
+    return min(full, -(-width // block) * block) if width > block else width
 
 
 def _segment(points: list[int], x: int) -> tuple[int, float]:
@@ -204,12 +206,16 @@ def _segment(points: list[int], x: int) -> tuple[int, float]:
 
 def grid_axis(full: int, varies: bool, multiple: int = 1, points: int = GRID_POINTS) -> list[int]:
     """Widths to measure an axis at: up to ``points`` multiples of ``multiple`` spread over
-    ``multiple``..``full``, and ``full`` itself."""
-    if not varies or full <= multiple:
+    ``multiple``..``full``, and ``full`` itself; with a block (``multiple`` > 1) also 1 and
+    half a block, so that a layer narrower than two blocks still has measured savings."""
+    if not varies:
         return [full]
+    small = {w for w in (1, multiple // 2) if w < full} if multiple > 1 else set()
+    if full <= multiple:
+        return sorted(small | {full})
     steps = full // multiple
     raw = {round(1 + (steps - 1) * k / (points - 1)) for k in range(points)}
-    return sorted({k * multiple for k in raw} | {full})
+    return sorted(small | {k * multiple for k in raw} | {full})
 
 
 @dataclass

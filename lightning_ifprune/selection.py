@@ -72,14 +72,37 @@ def check_round_to(round_to: RoundTo) -> RoundTo:
     return round_to
 
 
-def resolve_round_to(round_to: RoundTo, resource: str, latency: LatencyModel | None) -> int | None:
+def resolve_round_to(
+    round_to: RoundTo,
+    resource: str,
+    latency: LatencyModel | None,
+    structure: ChannelStructure | None = None,
+    fraction: float | None = None,
+    baseline: Baseline | None = None,
+) -> int | None:
     """The multiple widths are rounded to: ``"auto"`` is the latency model's channel block (16
-    on an AVX-512 CPU, 8 with AVX2 or on CUDA) for a latency target, and no rounding otherwise."""
+    on an AVX-512 CPU, 8 with AVX2 or on CUDA) for a latency target, and no rounding otherwise.
+
+    Given the ``structure`` and target ``fraction``, ``"auto"`` halves the block until the
+    target is reachable: a group one block wide (ResNet-56's 16-channel stage at a block of 16)
+    cannot shrink at all when rounded to the block."""
     check_round_to(round_to)
-    if round_to == "auto":
-        block = latency.block if resource == "latency" and latency is not None else 1
-        return block if block > 1 else None
-    return round_to
+    if round_to != "auto":
+        return round_to
+    block = latency.block if resource == "latency" and latency is not None else 1
+    if structure is not None and fraction is not None:
+        baseline = baseline or baseline_of(structure, latency)
+        while block > 1 and _smallest_fraction(structure, resource, baseline, latency, block) > fraction:
+            block //= 2
+    return block if block > 1 else None
+
+
+def _smallest_fraction(
+    structure: ChannelStructure, resource: str, baseline: Baseline, latency: LatencyModel | None, round_to: int | None
+) -> float:
+    """``resource`` after removing every removable channel (widths rounded), as a fraction of ``baseline``."""
+    removable = rounded(structure, {n: g.size - g.min_keep for n, g in structure.groups.items()}, round_to)
+    return resource_size(structure, resource, removable, latency) / _reference(baseline, resource)
 
 
 def resource_size(
@@ -164,9 +187,8 @@ def check_reachable(
     """Raise ``ValueError`` unless removing every removable channel (each group down to its
     ``min_keep``, then to a multiple of ``round_to``) brings ``resource`` to ``fraction`` of
     ``baseline``; ``hint`` says why not."""
-    round_to = resolve_round_to(round_to, resource, latency)
-    removable = rounded(structure, {n: g.size - g.min_keep for n, g in structure.groups.items()}, round_to)
-    smallest = resource_size(structure, resource, removable, latency) / _reference(baseline, resource)
+    round_to = resolve_round_to(round_to, resource, latency, structure, fraction, baseline)
+    smallest = _smallest_fraction(structure, resource, baseline, latency, round_to)
     if smallest > fraction:
         rounding = f" with widths rounded to multiples of {round_to}" if round_to else ""
         raise ValueError(
@@ -201,9 +223,9 @@ def select_channels(
         raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
     if resource == "latency":
         _need_latency(latency)
-    round_to = resolve_round_to(round_to, resource, latency)
     checked = _check_scores(structure, scores)
     baseline = baseline or baseline_of(structure, latency)
+    round_to = resolve_round_to(round_to, resource, latency, structure, fraction, baseline)
     limit = fraction * _reference(baseline, resource)
 
     def size(removed: Mapping[str, int]) -> float:

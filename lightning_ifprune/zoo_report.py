@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import time
@@ -237,8 +238,8 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
 def torch_pruning_result(spec: ZooModel, limit_s: int = 60, memory_gb: int = 8) -> str:
     """Torch-Pruning 1.6.1's ``MagnitudePruner`` at ratio 0.5 on the same model: ran or failed.
 
-    It runs in a forked process capped at ``memory_gb`` of address space and ``limit_s``
-    seconds: its grouping can exhaust memory (MaxViT) or not finish (ReXNet)."""
+    It runs in a forked process allowed ``memory_gb`` of address space beyond what it
+    inherits, and ``limit_s`` seconds: its grouping can exhaust memory (MaxViT) or not finish (ReXNet)."""
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_tp_child, args=(spec, memory_gb, send), daemon=True)
@@ -257,7 +258,10 @@ def torch_pruning_result(spec: ZooModel, limit_s: int = 60, memory_gb: int = 8) 
 
 def _tp_child(spec: ZooModel, memory_gb: int, send: Any) -> None:
     """In the forked process: cap the memory, prune with Torch-Pruning, send the outcome."""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+    page = os.sysconf("SC_PAGE_SIZE")
+    inherited = int(Path("/proc/self/statm").read_text().split()[0]) * page  # the parent's address space
+    limit = inherited + (memory_gb << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         send.send(_tp_prune(spec.build(), torch.randn(1, 3, spec.size, spec.size)))
     except BaseException as err:  # noqa: BLE001 - the comparison records any failure
@@ -343,16 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo.json"))
-    parser.add_argument("--models", nargs="*", help="source/name ids to run (default: all)")
+    parser.add_argument(
+        "--models", nargs="*", help="source/name ids to run (default: all); the others keep their results in --out"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     specs = [s for s in MODELS if not args.models or s.id in args.models]
-    results = []
+    kept: dict[str, ZooResult] = {}
+    if args.models and args.out.is_file():  # re-run some models: the others keep their results
+        kept = {f"{r['source']}/{r['model']}": ZooResult(**r) for r in json.loads(args.out.read_text())}
     for spec in specs:
-        results.append(check_model(spec, compare=True))
-        done = results[-1]
+        done = kept[spec.id] = check_model(spec, compare=True)
         print(f"{spec.id}: {done.status} ({done.seconds:.1f} s); Torch-Pruning {done.torch_pruning}", file=sys.stderr)
+    results = [kept[s.id] for s in MODELS if s.id in kept]
     print(markdown_table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

@@ -115,19 +115,20 @@ def test_grid_interpolates_bilinearly_and_clamps() -> None:
     assert grid(2, 3) == pytest.approx(4.0)
     assert grid(0, 9) == 3.0 and grid(5, 1) == 5.0
     assert grid_axis(16, True) == [1, 5, 8, 12, 16] and grid_axis(3, False) == [3]
-    assert all(w % 4 == 0 for w in grid_axis(32, True, multiple=4))
+    assert all(w % 4 == 0 for w in grid_axis(32, True, multiple=4) if w > 4)
 
 
 def test_block_aligned_grids_price_a_width_as_the_next_multiple(tmp_path: Path) -> None:
     """With a channel block, convolution grids are measured at its multiples (and the full
     width), and a width between two multiples costs what the next one costs."""
-    assert grid_axis(40, True, multiple=16) == [16, 32, 40] and grid_axis(12, True, multiple=16) == [12]
-    grid = LayerGrid("sig", [3], [16, 32, 48], [[1.0, 2.0, 4.0]], block=16)
-    assert grid(3, 17) == grid(3, 32) == 2.0 and grid(3, 33) == grid(3, 40) == 4.0 and grid(3, 5) == 1.0
+    assert grid_axis(40, True, multiple=16) == [1, 8, 16, 32, 40] and grid_axis(12, True, multiple=16) == [1, 8, 12]
+    grid = LayerGrid("sig", [3], [1, 8, 16, 32, 48], [[0.25, 0.5, 1.0, 2.0, 4.0]], block=16)
+    assert grid(3, 17) == grid(3, 32) == 2.0 and grid(3, 33) == grid(3, 40) == 4.0
+    assert grid(3, 8) == 0.5 and grid(3, 12) == pytest.approx(0.75)  # within the first block: interpolated
     model, example = cnn((16, 32, 48))
     lm = latency_model(model, example, tmp_path, block=16)
     conv = lm.layers["features.8"]  # 32 -> 48 channels
-    assert conv.block == 16 and conv.ins == [16, 32] and conv.outs == [16, 32, 48]
+    assert conv.block == 16 and conv.ins == [1, 8, 16, 32] and conv.outs == [1, 8, 16, 32, 48]
     assert conv(32, 33) == conv(32, 47) == conv(32, 48) > conv(32, 32) and conv(17, 48) == conv(32, 48)
     assert lm.layers["features.9"].block == 1 and lm.layers["classifier"].block == 1  # BN, Linear: no blocks
     assert lm.block == 16 and latency_model(model, example, tmp_path / "1").block == 1
@@ -148,6 +149,26 @@ def test_auto_round_to_is_the_block_for_latency_targets_only(tmp_path: Path) -> 
     assert any((structure.groups[n].size - len(v)) % 16 for n, v in flops_plan.items())
     assert lat.channel_block(torch.device("cpu")) == lat.CPU_BLOCKS.get(torch.backends.cpu.get_cpu_capability(), 1)
     assert torch.backends.cpu.get_cpu_capability() in lat.device_name(torch.device("cpu"))
+
+
+def test_auto_round_to_halves_the_block_until_the_target_is_reachable(tmp_path: Path) -> None:
+    """Groups of one block (ResNet-56's 16-channel stage at a block of 16) cannot shrink at all
+    when rounded to the block: "auto" then rounds to half the block (and so on), while an
+    explicit ``round_to`` still refuses the unreachable target."""
+    model, example = cnn((16, 16, 32))
+    structure = ChannelStructure.build(model, example)
+    lm = latency_model(model, example, tmp_path, block=16)
+    torch.manual_seed(0)
+    scores = {n: torch.rand(g.size) for n, g in structure.groups.items()}
+    target = 0.8  # 16: at least 0.899 of the latency; 8: reachable
+    with pytest.raises(ValueError, match="unreachable.*multiples of 16"):
+        select_channels(structure, scores, "latency", target, latency=lm, round_to=16)
+    plan = select_channels(structure, scores, "latency", target, latency=lm, round_to="auto")
+    kept = {n: g.size - len(plan.get(n, [])) for n, g in structure.groups.items()}
+    assert resource_size(structure, "latency", {n: len(v) for n, v in plan.items()}, lm) <= target * lm.measured_ms
+    assert all(k % 8 == 0 for k in kept.values()) and any(k % 16 for k in kept.values()), kept
+    assert resolve_round_to("auto", "latency", lm, structure, target) == 8
+    assert resolve_round_to("auto", "latency", lm, structure, 0.9) == 16
 
 
 def test_prediction_matches_the_measured_model_and_shrinks_with_widths(tmp_path: Path) -> None:
