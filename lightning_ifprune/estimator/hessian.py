@@ -86,9 +86,9 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
     """Norm layers in training behaviour without touching running stats; dropout off.
 
     SyncBatchNorm layers act per rank; ``nn.Hardsigmoid`` runs as a clamp and torchvision's
-    RoI align on its pure-PyTorch implementation (the same values, twice differentiable). Restores every module's mode, class and flag on
-    exit. Autocast is disabled inside, and attention runs in PyTorch's plain (twice
-    differentiable) kernel.
+    RoI align on its pure-PyTorch implementation (the same values, twice differentiable).
+    Restores every module's mode, class and flag on exit. Autocast is disabled inside, and
+    attention runs in PyTorch's plain (twice differentiable) kernel.
     """
     modes = [(m, m.training) for m in model.modules()]
     tracked = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, NORM_TYPES)]

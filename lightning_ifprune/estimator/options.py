@@ -37,8 +37,9 @@ class EstimatorOptions:
     whole batches): chosen by ``benchmarks/compare.py`` as the cheapest influence
     configuration and the one least often significantly behind the best criterion on digits
     and Fashion-MNIST (once in four settings; README "Results"), although its single-channel
-    and set fidelity are the lowest of the influence configurations. With the identity inverse the paper score is |H_mw H_wm 1| / λ, so its
-    ranking does not depend on λ: when λ is unset or the optimizer has none, 1/λ is taken as 1.
+    and set fidelity are the lowest of the influence configurations. With the identity
+    inverse the paper score is |H_mw H_wm 1| / λ, so its ranking does not depend on λ: when λ
+    is unset or the optimizer has none, 1/λ is taken as 1.
     The ``retrained`` score does depend on λ and needs it.
 
     Every field is checked here, its type included; errors name the field.
