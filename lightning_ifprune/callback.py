@@ -181,6 +181,12 @@ class InfluencePruningCallback(Callback):
                 raise ValueError("the module is already pruned; resume from its checkpoint instead")
             self.baseline = baseline_of(structure, self.latency_model)
             self.original_sizes = structure.widths()
+            if structure.unsafe:
+                first = next(iter(structure.unsafe.values()))
+                rank_zero_warn(
+                    f"InfluencePruningCallback: {len(structure.unsafe)} channel group(s) keep all their channels, "
+                    f"removing them is not safe (ChannelStructure.unsafe lists them all), e.g.: {first}"
+                )
             structure = self._structure(pl_module, example)  # min_channels of the original widths
         hint = f" (min_channels={self.min_channels!r}, ignored_layers={list(self.ignored_layers)})"
         check_reachable(structure, self.resource, self.target, self.baseline, hint,

@@ -217,6 +217,21 @@ def test_model_without_prunable_group(tmp_path: Path) -> None:
         cpu_trainer(tmp_path, 1, [pruner]).fit(module, loader(128))
 
 
+def test_unsafe_groups_are_announced_and_keep_their_channels(tmp_path: Path) -> None:
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Softmax(dim=1),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    module = ImageClassifier(net, 10, optimizer=classifier().optimizer_factory)
+    pruner = lip.InfluencePruningCallback(target_flops=0.7, criterion="taylor", example_input=EXAMPLE)
+    with pytest.warns(UserWarning, match=r"1 channel group\(s\) keep all their channels.*'net\.3' \(Softmax\)"):
+        cpu_trainer(tmp_path, 2, [pruner]).fit(module, loader(128))
+    assert net[2].out_channels == 8 and net[4].in_channels == 8  # the softmax's channels stay
+    assert net[0].out_channels < 8 or net[4].out_channels < 16
+
+
 def test_nan_scores_abandon_the_round(tmp_path: Path) -> None:
     module = classifier()
     pruner = lip.InfluencePruningCallback(

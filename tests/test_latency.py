@@ -241,6 +241,33 @@ def test_prune_to_target_meets_a_latency_target(round_to: int | None, tmp_path: 
         assert all(w % round_to == 0 for n, w in report.channels_after.items() if report.plan.get(n))
 
 
+class OverheadTimer(FakeTimer):
+    """The fake timer plus a fixed cost per whole-model call (framework overhead no layer shows)."""
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        seconds = super().__call__(module, x)
+        return seconds + (2e-4 if self.calls[-1] == "SmallCNN" else 0.0)
+
+
+def test_latency_checks_measure_and_tighten_until_the_target_is_met(tmp_path: Path, monkeypatch) -> None:
+    timer = OverheadTimer()
+    monkeypatch.setattr(lat, "timer_measure", timer)
+    model, example = cnn()
+    assert type(model).__name__ == "SmallCNN"
+    lm = latency_model(model, example, tmp_path, measure=timer)
+    scores = lip.score_channels(model, criterion="magnitude", example_inputs=example)
+    x = torch.randn(lm.batch_size, *example.shape[1:])
+    dense = timer(model, x)
+    trusted, checked = copy.deepcopy(model), copy.deepcopy(model)
+    lip.prune_to_target(trusted, scores, latency=0.5, latency_model=lm, round_to=None)
+    assert timer(trusted, x) / dense > 0.52  # the layer sum spreads the overhead: it under-predicts
+    report = lip.prune_to_target(checked, scores, latency=0.5, latency_model=lm, round_to=None, latency_checks=3)
+    assert report.latency_measured_kept == pytest.approx(timer(checked, x) / dense)
+    assert report.latency_measured_kept <= 0.5
+    with pytest.raises(ValueError, match="latency_checks needs a latency"):
+        lip.prune_to_target(copy.deepcopy(model), scores, flops=0.5, latency_checks=2)
+
+
 def test_prune_to_target_builds_and_caches_a_latency_model(tmp_path: Path, monkeypatch) -> None:
     timer = FakeTimer()
     monkeypatch.setattr(lat, "timer_measure", timer)

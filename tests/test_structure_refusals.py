@@ -1,6 +1,7 @@
-"""Structures that must be traced fully or refused by name: training-only branches, channel
-splits into residual sums, channels_last and compiled models, tracer failures, and refusals
-that list every offending module at once (so that following their advice converges)."""
+"""Structures that must be traced fully, or whose unsafe groups keep their channels by name:
+training-only branches, channel splits into residual sums, channel shuffles, channels_last and
+compiled models, and strict refusals that list every offending module at once (so that
+following their advice converges)."""
 
 from __future__ import annotations
 
@@ -150,38 +151,42 @@ def test_layer_never_reached_is_refused_by_name(state_snapshot) -> None:
 
 # ---------------------------------------------------------------------------------- item 4
 class _SplitResidualNet(nn.Module):
-    """conv(→16) split into 8 + 8; the second half is added to another conv's 8 channels."""
+    """A stem, then conv(→16) split into 8 + 8; the second half is added to another conv's 8 channels."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv_a = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv_b = nn.Conv2d(3, 8, 1)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_a = nn.Conv2d(6, 16, 3, padding=1)
+        self.conv_b = nn.Conv2d(6, 8, 1)
         self.head_a = nn.Conv2d(8, 4, 1)
         self.head_y = nn.Conv2d(8, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.conv_a(x).split(8, dim=1)
-        y = torch.relu(b + self.conv_b(x))
+        s = torch.relu(self.stem(x))
+        a, b = self.conv_a(s).split(8, dim=1)
+        y = torch.relu(b + self.conv_b(s))
         return (self.head_a(torch.relu(a)) + self.head_y(y)).mean((2, 3))
 
 
-def test_split_into_residual_sum_is_refused_with_widths(state_snapshot) -> None:
+def test_split_into_residual_sum_keeps_its_channels_and_the_rest_prunes(state_snapshot) -> None:
+    torch.manual_seed(0)
     model = _SplitResidualNet()
     x = torch.randn(2, 3, 6, 6)
     snap = state_snapshot(model)
-    with pytest.raises(UnsupportedModelError) as info:
-        ChannelStructure.build(model, x[:1])
+    with pytest.raises(UnsupportedModelError, match=r"splits the channels.*'Split'"):
+        ChannelStructure.build(model, x[:1], strict=True)
     snap.assert_unchanged()
-    msg = str(info.value)
-    assert re.search(r"'conv_a'.*16", msg) and re.search(r"'conv_b'.*8", msg), msg
-    # Following the advice builds a structure whose pruning matches the masks.
-    structure = ChannelStructure.build(model, x[:1], ignored_layers=_hinted_layers(info.value))
-    plan = _random_plan(structure, 0)
+    structure = ChannelStructure.build(model, x[:1])
+    snap.assert_unchanged()
+    assert set(structure.groups) == {"stem"}, structure.skipped
+    assert set(structure.unsafe) == {"conv_a"} and "'Split'" in structure.unsafe["conv_a"], structure.skipped
+    plan = {"stem": [1, 4]}
     with torch.no_grad(), channel_masks(structure, _masks_for(structure, plan)):
         masked = model(x)
     prune_channels(structure, plan)
     with torch.no_grad():
         assert torch.allclose(model(x), masked, atol=1e-6)
+    assert model.conv_a.out_channels == 16 and model.conv_b.out_channels == 8
 
 
 # --------------------------------------------------------------------------------- item 14
@@ -221,11 +226,30 @@ def test_compiled_module_is_refused_with_a_working_hint() -> None:
 
 
 # --------------------------------------------------------------------------------- item 15
-def test_tracer_failure_is_wrapped_with_model_type() -> None:
+def test_channel_shuffle_keeps_its_channels_and_the_branches_prune() -> None:
+    # ShuffleNetV2: cat(x1, branch(x2)) → view(N, 2, C/2, H, W) → transpose → view; then chunk(2).
+    # Torch-Pruning cannot map the shuffle (its own mapping divides by zero at 'stage4.1').
+    torch.manual_seed(0)
     model = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None)
-    with pytest.raises(UnsupportedModelError, match=r"ShuffleNetV2.*ZeroDivisionError") as info:
-        ChannelStructure.build(model, torch.randn(1, 3, 32, 32))
-    assert re.search(r"'stage\d\.\d+'", str(info.value)), str(info.value)  # where it happened
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(UnsupportedModelError, match=r"(?s)ShuffleNetV2.*'(Transpose|View)'") as info:
+        ChannelStructure.build(model, x[:1], strict=True)
+    assert re.search(r"'stage\d\.\d+'", str(info.value)), str(info.value)  # where it happens
+    structure = ChannelStructure.build(model, x[:1])
+    # Prunable: the stem, the last 1x1 conv and, in every block, the branch's inner width.
+    inner = {f"stage{s}.{b}.branch2.0" for s, n in ((2, 4), (3, 8), (4, 4)) for b in range(n)}
+    assert set(structure.groups) == {"conv1.0", "conv5.0"} | inner
+    unsafe = structure.unsafe
+    assert unsafe and all(re.search("channel shuffle|'Split'|'Transpose'|'View'", why) for why in unsafe.values()), (
+        unsafe
+    )
+    model.eval()
+    plan = _random_plan(structure, 0)
+    with torch.no_grad(), channel_masks(structure, _masks_for(structure, plan)):
+        masked = model(x)
+    prune_channels(structure, plan)
+    with torch.no_grad():
+        assert torch.allclose(model(x), masked, atol=1e-5)
 
 
 def test_convnext_prunes_its_mlp_units_and_keeps_layernorm_channels() -> None:
@@ -270,18 +294,20 @@ class _ChannelSoftmax(nn.Module):
         return torch.softmax(x, dim=1)
 
 
-def test_refusal_names_the_offender_and_a_bare_parameter_keeps_its_group(state_snapshot) -> None:
+def test_strict_refusal_names_the_offender_and_a_bare_parameter_keeps_its_group(state_snapshot) -> None:
     torch.manual_seed(0)
     model = _TwoCustomNet()
     x = torch.randn(2, 3, 6, 6)
     snap = state_snapshot(model)
     with pytest.raises(UnsupportedModelError) as info:
-        ChannelStructure.build(model, x[:1])
+        ChannelStructure.build(model, x[:1], strict=True)
     snap.assert_unchanged()
     assert _hinted_layers(info.value) == ["mix"], str(info.value)
     assert "Softmax" in str(info.value)
-    structure = ChannelStructure.build(model, x[:1], ignored_layers=_hinted_layers(info.value))
-    assert set(structure.groups) == {"c"}
+    hinted = ChannelStructure.build(model, x[:1], ignored_layers=_hinted_layers(info.value))
+    structure = ChannelStructure.build(model, x[:1])  # by default the unsafe group keeps its channels
+    assert set(structure.groups) == set(hinted.groups) == {"c"}
+    assert "'mix' (_ChannelSoftmax)" in structure.skipped["b"] and "Softmax" in structure.skipped["b"]
     # The custom gain's bare parameter keeps group 'a' whole, said by name (not a refusal).
     assert "bare nn.Parameter" in structure.skipped["a"], structure.skipped
     plan = {"c": [0, 3]}

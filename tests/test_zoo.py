@@ -148,23 +148,28 @@ def test_inplace_dropout_on_a_view_keeps_channels() -> None:
     assert set(structure.groups) == {"0"}
 
 
-def test_in_place_slice_write_is_refused_early(state_snapshot) -> None:
+def test_in_place_slice_write_keeps_its_channels_and_the_rest_prunes(state_snapshot) -> None:
     class Partial(nn.Module):  # ReXNet's residual: x[:, :n] += shortcut
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(6, 2, 1)
+            self.stem = nn.Conv2d(3, 5, 1)
+            self.a, self.b, self.c = nn.Conv2d(5, 4, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(6, 2, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            s = self.a(x)
+            s = self.a(torch.tanh(self.stem(x)))
             y = self.b(s)
             y[:, :4] += s
             return self.c(y)
 
     model = Partial()
+    x = torch.randn(2, 3, 4, 4)
     snap = state_snapshot(model)
     with pytest.raises(UnsupportedModelError, match="'CopySlices'"):
-        ChannelStructure.build(model, torch.randn(1, 3, 4, 4))
+        ChannelStructure.build(model, x[:1], strict=True)
     snap.assert_unchanged()
+    structure, error = mask_vs_removal(model, x)
+    assert set(structure.groups) == {"stem"} and error < 1e-5
+    assert "'CopySlices'" in structure.skipped["a"], structure.skipped
 
 
 def test_channel_slice_is_refused_early() -> None:

@@ -11,7 +11,7 @@ from lightning_ifprune.structure.attention import AttentionHeads, find_attention
 from lightning_ifprune.structure.cost import CostModel
 from lightning_ifprune.structure.detection import output_layers, traces_in_eval
 from lightning_ifprune.structure.example import Example, validate_example_inputs
-from lightning_ifprune.structure.graph import refuse_compiled, refuse_unsupported_modules, trace_graph
+from lightning_ifprune.structure.graph import all_groups, refuse_compiled, refuse_unsupported_modules, trace_graph
 from lightning_ifprune.structure.groups import (
     ChannelGroup,
     CostCoef,
@@ -29,6 +29,8 @@ from lightning_ifprune.structure.tracing import (
     resolve_min_keep,
 )
 
+#: How ``skipped`` starts the reason of a group that keeps its channels because removing them is unsafe.
+UNSAFE = "unsafe to prune: "
 #: Parsed groups: (prunable groups, skipped group → reason, cost coefficients, module → refusal).
 Parsed = tuple[dict[str, ChannelGroup], dict[str, str], list[CostCoef], dict[str, str]]
 
@@ -67,6 +69,7 @@ class ChannelStructure:
         ignored_layers: Iterable[str | nn.Module] = (),
         min_channels: int | float = 1,
         original_sizes: Mapping[str, int] | None = None,
+        strict: bool = False,
     ) -> ChannelStructure:
         """Trace ``model`` on ``example_inputs`` and collect its prunable groups.
 
@@ -83,12 +86,17 @@ class ChannelStructure:
         auxiliary heads, is seen), or in eval mode when it holds a torchvision detector;
         buffers, modes and random generators are left as they were.
 
+        A group whose channels cannot be removed safely (an unknown channel-mixing op, an
+        option-A zero-pad shortcut, split channels in a residual sum, a mapping Torch-Pruning
+        cannot infer, a frozen norm's buffers) keeps all its channels and is listed in
+        ``skipped`` with the module and op; the rest of the model prunes. With ``strict`` such
+        a group refuses the model instead, and so it does when no other group is left.
+
         Raises :class:`UnsupportedModelError` before anything changes, listing at once every
-        module whose channels cannot be removed safely (unknown channel-mixing ops, option-A
-        zero-pad shortcuts, split channels in residual sums, custom layers with parameters,
-        layers no forward pass reaches) and whether ignoring them leaves anything prunable;
-        also for ``torch.compile`` wrappers (prune the uncompiled module, then compile it)
-        and for failures of Torch-Pruning's tracer.
+        module whose channels cannot be accounted for (custom layers with parameters, layers
+        no forward pass reaches; with ``strict`` also the unsafe groups' modules) and whether
+        ignoring them leaves anything prunable; also for ``torch.compile`` wrappers (prune the
+        uncompiled module, then compile it) and for failures of Torch-Pruning's tracer.
         """
         refuse_compiled(model)
         refuse_unsupported_modules(model)
@@ -101,13 +109,17 @@ class ChannelStructure:
             model, example_inputs, eval_mode=traces_in_eval(model), outputs=list(kept_outputs.values())
         )
         order = module_order(model)
-        _refuse_slice_writes(model, graph, owners, ignored | set(kept_outputs))
-        try:  # groups of output layers are not built: they map through the detector's post-processing
-            tp_groups = list(graph.get_all_groups(list(kept_outputs.values()), root_module_types=WEIGHTED_TYPES))
-        except Exception as err:  # noqa: BLE001 - Torch-Pruning's grouping errors are rarely readable
+        slices = _slice_ops(model, graph, owners, ignored | set(kept_outputs))
+        partial = "a partial-channel mapping lightning_ifprune does not support"
+        if slices and strict:
+            found = dict.fromkeys(f"{who} {what}" for who, what in slices.values())
             raise UnsupportedModelError(
-                f"Torch-Pruning could not group the channels of {type(model).__name__}: {type(err).__name__}: {err}"
-            ) from err
+                f"{type(model).__name__}: {'; '.join(found)}: {partial}; it cannot prune this model"
+            )
+        graph.unmapped.update({node: f"it {what}, {partial}" for node, (_, what) in slices.items()})
+        # groups of output layers are not built: they map through the detector's post-processing
+        not_roots = [*kept_outputs.values(), *graph.IGNORED_LAYERS_IN_TRACING]
+        tp_groups, failed = all_groups(graph, not_roots, WEIGHTED_TYPES)
 
         attention = {n: a for n, a in find_attention(model, owners.reached).items() if n not in ignored}
         qkv_roots = {model.get_submodule(a.qkv) for a in attention.values() if not a.packed}
@@ -125,6 +137,13 @@ class ChannelStructure:
             return parsed
 
         groups, skipped, coefs, issues = parse(ignored)
+        for module, err in failed.items():
+            if (name := order[module][1]) not in ignored:
+                why = f"Torch-Pruning cannot build the channel group of {type(module).__name__} '{name}' ({err})"
+                skipped[name] = UNSAFE + why
+                issues.setdefault(name, why)
+        if not strict and groups:
+            issues = {}  # the unsafe groups keep their channels, listed in skipped
         for name, module in kept_outputs.items():
             if isinstance(module, WEIGHTED_TYPES):
                 skipped[name] = next(w for o, w in outputs.items() if name == o or name.startswith(o + "."))
@@ -137,6 +156,11 @@ class ChannelStructure:
         ordered = dict(sorted(groups.items(), key=lambda kv: order[model.get_submodule(kv[0])][0]))
         heads = {n: a for n, a in attention.items() if n in ordered}
         return cls(model, example_inputs, graph, ordered, skipped, costs, heads)
+
+    @property
+    def unsafe(self) -> dict[str, str]:
+        """The groups kept whole because removing their channels is not safe: name → the modules and ops why."""
+        return {n: why.removeprefix(UNSAFE) for n, why in self.skipped.items() if why.startswith(UNSAFE)}
 
     def widths(self) -> dict[str, int]:
         """Current channel count of every prunable group."""
@@ -179,6 +203,7 @@ def _parse_groups(
         except RefusedGroup as refused:
             for name, why in refused.issues.items():
                 issues.setdefault(name, why)
+            skipped[refused.group] = UNSAFE + "; ".join(refused.issues.values())
             continue
         size0 = (original_sizes or {}).get(grp.name, grp.size)
         min_keep = min(grp.size, resolve_min_keep(min_channels, size0))
@@ -217,12 +242,15 @@ def _channel_region(graph: tp.DependencyGraph, ignored_modules: set[nn.Module]) 
     return region
 
 
-def _refuse_slice_writes(model: nn.Module, graph: tp.DependencyGraph, owners: OpOwners, ignored: set[str]) -> None:
-    """Refuse slices of the channel axis (``x[:, :n]``) and in-place writes into a slice (``CopySlices``,
-    except in-place dropout) on prunable channels, before Torch-Pruning groups them (which can
-    take very long, e.g. ReXNet)."""
+def _slice_ops(
+    model: nn.Module, graph: tp.DependencyGraph, owners: OpOwners, ignored: set[str]
+) -> dict[tp.Node, tuple[str, str]]:
+    """Slices of the channel axis (``x[:, :n]``) and in-place writes into a slice (``CopySlices``,
+    except in-place dropout) on prunable channels: node → (who, what it does). Found before
+    Torch-Pruning groups them, whose mapping through them is unchecked (and can take very
+    long, e.g. ReXNet)."""
     region = _channel_region(graph, {m for n, m in model.named_modules() if n in ignored})
-    found: dict[str, str] = {}
+    found: dict[tp.Node, tuple[str, str]] = {}
     for node in graph.module2node.values():
         if node.grad_fn is None or node not in region:
             continue
@@ -237,12 +265,8 @@ def _refuse_slice_writes(model: nn.Module, graph: tp.DependencyGraph, owners: Op
         if what.startswith("writes") and isinstance(module, DROPOUT_TYPES):
             continue
         who = f"module '{where}' ({type(module).__name__})" if where else "the top-level forward"
-        found.setdefault(where or "", f"{who} {what}")
-    if found:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: " + "; ".join(found.values()) + ": a partial-channel mapping "
-            "lightning_ifprune does not support; it cannot prune this model"
-        )
+        found[node] = (who, what)
+    return found
 
 
 def _unseen_layers(

@@ -5,6 +5,12 @@ auxiliary heads, are part of the graph) with running-statistics norms in eval mo
 buffer and the random generators restored afterwards: building a structure changes nothing.
 Models holding a torchvision detector are traced in eval mode instead (:mod:`.detection`).
 The graph's surgery keeps each parameter's memory format (``channels_last`` stays).
+
+Torch-Pruning maps channel indices through concatenations, splits and reshapes after
+tracing, and a mapping it cannot infer raises (shufflenet's channel shuffle: a division by
+zero; DPN's dual-path concat: a missing width) and aborts the whole graph. Our graph maps
+node by node instead and records the nodes whose mapping failed in ``unmapped``; every
+group through one of them keeps all its channels (:mod:`.groups`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as _index_mapping
 
 from lightning_ifprune.structure.example import Example, call_model, example_device
 from lightning_ifprune.structure.groups import UnsupportedModelError
@@ -55,14 +62,95 @@ class FormatKeepingGroup(tp.Group):
                     p.grad = p.grad.contiguous(memory_format=fmt)
 
 
+#: Torch-Pruning's index-mapping update for each dummy-op node type (its ``update_index_mapping``).
+_MAPPINGS = {
+    tp.ops.OPTYPE.CONCAT: _index_mapping.update_concat_index_mapping,
+    tp.ops.OPTYPE.SPLIT: _index_mapping.update_split_index_mapping,
+    tp.ops.OPTYPE.RESHAPE: _index_mapping.update_reshape_index_mapping,
+    tp.ops.OPTYPE.UNBIND: _index_mapping.update_unbind_index_mapping,
+    tp.ops.OPTYPE.EXPAND: _index_mapping.update_expand_index_mapping,
+    tp.ops.OPTYPE.SLICE: _index_mapping.update_slice_index_mapping,
+}
+_update_index_mapping = _index_mapping.update_index_mapping
+
+
+def _tolerant_index_mapping(graph: tp.DependencyGraph) -> None:
+    """Torch-Pruning's index-mapping update; for a :class:`FormatKeepingGraph` node by node,
+    recording in ``graph.unmapped`` (node → error) the nodes whose mapping cannot be inferred."""
+    if not isinstance(graph, FormatKeepingGraph):
+        return _update_index_mapping(graph)
+    for node in list(graph.module2node.values()):
+        update = _MAPPINGS.get(node.type)
+        if update is None or node in graph.unmapped:
+            continue
+        if node.type == tp.ops.OPTYPE.RESHAPE and _splits_channel_axis(node.grad_fn):
+            graph.unmapped[node] = "a view that splits the channel axis into several (e.g. a channel shuffle)"
+            continue
+        try:
+            update(graph, node)
+        except Exception as err:  # noqa: BLE001 - the node's groups keep their channels instead
+            graph.unmapped[node] = f"Torch-Pruning cannot map channel indices through it ({type(err).__name__}: {err})"
+    return None
+
+
+def _splits_channel_axis(grad_fn: object) -> bool:
+    """A view or reshape to more dims whose channel axis (dim 1) differs from its input's: Torch-Pruning
+    maps it as a flatten, which it is not (and, mapped so, its index lists grow huge)."""
+    before = tuple(getattr(grad_fn, "_saved_self_sym_sizes", ()))
+    meta = getattr(grad_fn, "_input_metadata", ())
+    after = tuple(meta[0].shape) if meta else ()
+    return len(before) > 1 and len(after) > len(before) and int(after[1]) != int(before[1])
+
+
+_index_mapping.update_index_mapping = _tolerant_index_mapping  # other graphs: unchanged behaviour
+
+
 class FormatKeepingGraph(tp.DependencyGraph):
-    """A dependency graph whose pruning groups keep memory formats (:class:`FormatKeepingGroup`)."""
+    """A dependency graph whose pruning groups keep memory formats (:class:`FormatKeepingGroup`)
+    and whose index mapping records failures per node (``unmapped``) instead of raising."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unmapped: dict[tp.Node, str] = {}
 
     def get_pruning_group(self, module: nn.Module, pruning_fn: Callable, idxs: Sequence[int]) -> tp.Group:
         """Torch-Pruning's group, pruning through :class:`FormatKeepingGroup`."""
         group = super().get_pruning_group(module, pruning_fn, idxs)
         group.__class__ = FormatKeepingGroup  # same state, one overridden method
         return group
+
+
+def all_groups(
+    graph: FormatKeepingGraph, ignored: Sequence[nn.Module], root_types: tuple[type, ...]
+) -> tuple[list[tp.Group], dict[nn.Module, str]]:
+    """Torch-Pruning's groups, one per root layer's output channels (``get_all_groups``), and
+    the roots whose group it cannot build (root → error), instead of one error for the model.
+
+    The dependencies out of an ``unmapped`` node are cut first: every group that reaches it keeps
+    its channels anyway, and one that would cross it reaches it from its own side (dependencies
+    come in pairs), so nothing beyond it is needed; following them through an unchecked mapping
+    can take hours (DPN, ReXNet).
+    """
+    for node in graph.unmapped:
+        node.dependencies = []
+    groups, failed, visited = [], {}, set()
+    for module in list(graph.module2node):
+        if module in ignored or module in visited or not isinstance(module, root_types):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        width = None if pruner is None else pruner.get_out_channels(module)
+        if width is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+        except Exception as err:  # noqa: BLE001 - this root keeps its channels instead
+            failed[module] = f"{type(err).__name__}: {err}"
+            continue
+        outs = [item.dep.target.module for item in group if graph.is_out_channel_pruning_fn(item.dep.handler)]
+        visited.update(outs)
+        if not any(m in ignored for m in outs):
+            groups.append(group)
+    return groups, failed
 
 
 @contextmanager

@@ -5,8 +5,9 @@ touches. :class:`GroupParser` reads it with one handler per kind of node — net
 element-wise op, bare parameter, convolution, linear layer, per-channel layer, anything
 else — and either builds a :class:`ChannelGroup` (with its cost coefficients), skips the
 group with a reason (:class:`NotPrunable`), or lists the modules that make it unsafe
-(:class:`RefusedGroup`; the model is then refused, :class:`UnsupportedModelError`). A group
-that keeps all its channels anyway is skipped, whatever it touches.
+(:class:`RefusedGroup`: the group keeps all its channels, or with ``strict`` the model is
+refused, :class:`UnsupportedModelError`). A group that keeps all its channels anyway is
+skipped, whatever it touches.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ class NotPrunable(Exception):
 
 
 class RefusedGroup(Exception):
-    """A group whose channels cannot be removed safely: ``issues`` maps module name → why."""
+    """Group ``group``, whose channels cannot be removed safely: ``issues`` maps module name → why."""
 
-    def __init__(self, issues: dict[str, str]) -> None:
+    def __init__(self, group: str, issues: dict[str, str]) -> None:
         super().__init__("; ".join(issues.values()))
-        self.issues = issues
+        self.group, self.issues = group, issues
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class GroupParser:
         if not self.issues:  # an unknown op explains a width mismatch already
             self._check_widths(gname, len(group[0].idxs))
         if self.issues:
-            raise RefusedGroup(self.issues)
+            raise RefusedGroup(gname, self.issues)
         consumers = self._slots(self.slots)
         if not consumers:
             raise NotPrunable(gname, "its channels are outputs of the network (no consuming layer)")
@@ -169,12 +170,16 @@ class GroupParser:
     def _item(self, item: tp.dependency.GroupItem) -> None:
         node, module = item.dep.target, item.dep.target.module
         per_channel = len(item.idxs) // max(len(set(item.root_idxs)), 1)
+        if node in getattr(self.graph, "unmapped", {}):
+            return self._unmapped(node)
         if node.type == tp.ops.OPTYPE.OUTPUT:
             return self._skip("its channels are outputs of the network")
         if node.type == tp.ops.OPTYPE.ELEMENTWISE:
             return self._on_elementwise(node)
         if node.type == tp.ops.OPTYPE.PARAMETER:
             return self._skip("it touches a bare nn.Parameter")
+        if node.type == tp.ops.OPTYPE.SPLIT and _splits_channels(node.grad_fn):
+            return self._on_split(node)
         if not isinstance(module, nn.Module) or module not in self.names:
             return None  # other dummy ops (concat, split, reshape): index maps only
         name = self.names[module]
@@ -198,6 +203,24 @@ class GroupParser:
         )
 
     # ------------------------------------------------------------------ handlers
+    def _on_split(self, node: tp.Node) -> None:
+        where = self.owners.owner(node.grad_fn)
+        who = self._describe(where) if where else f"the top-level forward of {type(self.model).__name__}"
+        return self._refuse(
+            where or self.root,
+            f"{who} splits the channels of group '{self.root}' into parts of fixed sizes ('{op_name(node.grad_fn)}'), "
+            "which removing channels would not update",
+        )
+
+    def _unmapped(self, node: tp.Node) -> None:
+        op = op_name(node.grad_fn) if node.grad_fn is not None else str(node.type)
+        where = self.owners.owner(node.grad_fn) if node.grad_fn is not None else None
+        who = self._describe(where) if where else f"the top-level forward of {type(self.model).__name__}"
+        return self._refuse(
+            where or self.root,
+            f"{who} applies '{op}' to the channels of group '{self.root}': {self.graph.unmapped[node]}",
+        )
+
     def _on_elementwise(self, node: tp.Node) -> None:
         if not node.inputs:  # on a weight path
             return
@@ -278,6 +301,13 @@ class GroupParser:
             return
         self._consume(name, item, into=self.norms)
         self.coefs.append((name, "norm", per_channel))
+
+
+def _splits_channels(grad_fn: object) -> bool:
+    """A split or chunk along the channel axis (dim 1)."""
+    dim = getattr(grad_fn, "_saved_dim", None)
+    ndim = len(getattr(grad_fn, "_saved_self_sym_sizes", ())) or 4
+    return dim is None or int(dim) % ndim == 1
 
 
 def per_channel_width(module: nn.Module) -> int:
