@@ -337,7 +337,7 @@ def markdown_table(results: Sequence[ZooResult]) -> str:
         if r.status == "pruned":
             status, left = "pruned correctly", f"{r.flops_after / r.flops_before:.2f}"
             if r.flops_target > 0.5:  # flops_target(): halfway into the prunable share
-                status += f" (50 % out of reach: {2 * (1 - r.flops_target):.0%} of FLOPs prunable)"
+                status += f" (50 % out of reach: {200 * (1 - r.flops_target):.1f} % of FLOPs prunable)"
         else:
             status, left = f"refused: {_reason(r)}".replace("|", "\\|"), "–"
         tp_status = r.torch_pruning.replace("|", "\\|")
