@@ -27,7 +27,8 @@ from lightning_ifprune.criteria import (
 )
 from lightning_ifprune.estimator import EstimatorOptions, estimate
 from lightning_ifprune.functional import PruneReport, prune_to_target
-from lightning_ifprune.latency import LatencyModel, fix_glibc_malloc
+from lightning_ifprune.latency import LatencyModel
+from lightning_ifprune.latency_env import fix_glibc_malloc
 from lightning_ifprune.loss import LossClosure, supervised
 from lightning_ifprune.optim import repoint_optimizer
 from lightning_ifprune.selection import Baseline

@@ -7,8 +7,6 @@ target, see README "Latency"); see README "Functional API".
 
 from __future__ import annotations
 
-import copy
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_ifprune import latency as _latency
+from lightning_ifprune.calibration import calibrate, measured_latency_kept
 from lightning_ifprune.latency import LatencyModel
 from lightning_ifprune.selection import Baseline, RoundTo, check_round_to, parse_target, select_channels
 from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
-from lightning_ifprune.structure.tracing import restore_modes
 from lightning_ifprune.surgery import prune_channels
 
 
@@ -71,12 +68,14 @@ def prune_to_target(
     report then carries the predicted latency before and after. ``round_to`` leaves every
     pruned group at a multiple of it; ``"auto"`` (default) is the device's channel block for a
     latency target (16 on an AVX-512 CPU, 8 with AVX2 or on CUDA) and no rounding otherwise.
+    A latency model built here is calibrated to a uniformly thinned copy measured at about the
+    target (:func:`~lightning_ifprune.calibration.calibrate`); a given one is used as it is.
     With ``latency_checks`` > 0 (a latency target, ``baseline`` unset), the plan is tried on a copy
     and the copy's latency measured against the model's (alternately, medians of three): while
-    it measures above the target, the predicted target is tightened by the measured shortfall
-    and the plan chosen again, up to ``latency_checks`` times; the report carries the last
-    measurement. It corrects what the layer-sum model misses (on CPU it underestimates pruned
-    nets: README "Latency").
+    it measures above the target, the model is refitted with that measurement (and the target
+    tightened by the shortfall if the refit keeps the same plan) and the plan chosen again, up
+    to ``latency_checks`` times; the report carries the last measurement and the predictions of
+    the last model.
     Nothing changes if the target is unreachable or the scores are malformed.
     """
     resource, fraction = parse_target(flops, params, channels, latency)
@@ -93,6 +92,8 @@ def prune_to_target(
     )
     if resource == "latency" and latency_model is None:
         latency_model = LatencyModel.build(structure, latency_batch_size, cache_dir=latency_cache_dir)
+        if fraction < 1:
+            latency_model = calibrate(structure, latency_model, (fraction,))
     if isinstance(latency_checks, bool) or not isinstance(latency_checks, int) or latency_checks < 0:
         raise ValueError(f"latency_checks must be a non-negative int, got {latency_checks!r}")
     if latency_checks and (resource != "latency" or baseline is not None):
@@ -105,14 +106,20 @@ def prune_to_target(
         measured = measured_latency_kept(structure, plan, latency_model.batch_size)
         if measured <= fraction:
             break
-        goal *= fraction / measured
+        point = ({n: len(v) for n, v in plan.items()}, measured * latency_model.measured_ms)
+        latency_model = latency_model.calibrated(structure, [point])
         try:
-            plan = select_channels(
+            again = select_channels(
                 structure, scores, resource, goal, normalize, latency=latency_model, round_to=round_to
             )
+            if again == plan:  # the refit still accepts this plan (noise): ask for the shortfall too
+                goal *= fraction / measured
+                again = select_channels(
+                    structure, scores, resource, goal, normalize, latency=latency_model, round_to=round_to
+                )
         except ValueError:  # the tighter goal is out of reach: keep the last plan
             break
-        measured = None
+        plan, measured = again, None
     if latency_checks and measured is None:
         measured = measured_latency_kept(structure, plan, latency_model.batch_size)
     flops_before, params_before = structure.cost()
@@ -126,19 +133,3 @@ def prune_to_target(
     return PruneReport(
         flops_before, flops_after, params_before, params_after, before, after, result.plan, *ms, measured
     )
-
-
-def measured_latency_kept(structure: ChannelStructure, plan: Mapping[str, list[int]], batch_size: int) -> float:
-    """Measured latency of ``structure``'s model with ``plan`` removed (on a copy), as a fraction of
-    the model's: eval mode, a random batch of ``batch_size``, dense and pruned timed alternately
-    three times (:func:`~lightning_ifprune.latency.timer_measure`), medians."""
-    model, like = structure.model, structure.example_inputs
-    pruned = copy.deepcopy(model)
-    prune_channels(ChannelStructure.build(pruned, like), plan)
-    x = torch.randn(batch_size, *like.shape[1:], device=like.device, dtype=like.dtype)
-    with restore_modes(model):
-        model.eval()
-        pruned.eval()
-        pairs = [(_latency.timer_measure(model, x), _latency.timer_measure(pruned, x)) for _ in range(3)]
-    dense, thin = (statistics.median(p) for p in zip(*pairs, strict=True))
-    return thin / dense

@@ -9,7 +9,10 @@ additions, the framework's overhead) is the whole model's measured latency less 
 the layer predictions at full width; it is kept as a calibration factor ``scale`` (measured ÷
 layer sum) rather than a constant, because most of it (activations after residual sums,
 pooling, in-network versus stand-alone caching) shrinks with the widths: on ResNet-56 a constant
-overpredicted heavily pruned nets by up to 50 %.
+overpredicted heavily pruned nets by up to 50 %. One point does not fix how the rest scales
+(on ResNet-56 pruned nets measured up to 27 % slower than ``scale`` predicts, on MobileNetV2
+up to 26 % faster), so :meth:`LatencyModel.calibrated` fits ``scale·(layer sum) + offset`` to
+measured pruned versions of the model (``lightning_ifprune.calibration`` measures them).
 
 Convolution latency is a step function of the widths: the kernels work on blocks of channels
 (oneDNN: 16 with AVX-512, 8 with AVX2; tensor cores: 8), and a width just below a multiple
@@ -22,27 +25,15 @@ at multiples, where the prediction is a measured point or between two.
 Measurements are cached on disk (JSON, one file per environment: device, torch version, CPU
 threads), one entry per layer signature (op, kernel, stride, padding, groups, input spatial
 shape, batch size, dtype) and widths, so a second build on the same machine times only the
-whole model.
-
-On Linux with glibc, CPU latency depends on the allocator: glibc's dynamic mmap threshold
-makes some large activations page-fault on every call (seen: ResNet-56 at batch 64 took
-187 ms instead of 127 ms, and single layers jumped 10× between neighbouring widths), which
-no per-layer model can compose. :func:`fix_glibc_malloc` (or ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` set in the environment, or jemalloc/tcmalloc) removes that; the
-allocator setting is part of the cache key.
+whole model (:mod:`lightning_ifprune.latency_env`: the key, the cache, the allocator).
 """
 
 from __future__ import annotations
 
 import bisect
-import ctypes
-import hashlib
-import json
 import math
-import os
-import platform
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +41,7 @@ from torch import nn
 from torch.utils import benchmark
 from tqdm import tqdm
 
+from lightning_ifprune.latency_env import LatencyCache, LatencyEnv, channel_block
 from lightning_ifprune.structure import CONV_TYPES, NORM_TYPES, WEIGHTED_TYPES, ChannelStructure
 from lightning_ifprune.structure.tracing import restore_modes
 
@@ -57,7 +49,6 @@ from lightning_ifprune.structure.tracing import restore_modes
 Measure = Callable[[nn.Module, torch.Tensor], float]
 
 GRID_POINTS = 5
-_MALLOC_FIXED = False
 BATCH_NORMS = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
@@ -69,104 +60,6 @@ def timer_measure(module: nn.Module, inputs: torch.Tensor, min_run_time: float =
     with torch.no_grad():
         timer.timeit(warmup)
         return float(timer.blocked_autorange(min_run_time=min_run_time).median)
-
-
-def device_name(device: torch.device) -> str:
-    """The device as the cache knows it: the GPU's name, or the CPU's architecture, model and
-    vector extension."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{platform.machine()}:{_cpu_model()}:{torch.backends.cpu.get_cpu_capability()}"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-#: Channels per vector block of the CPU's convolution kernels, by ``get_cpu_capability()``.
-CPU_BLOCKS = {"AVX512": 16, "AVX512_BF16": 16, "AVX512_VNNI": 16, "AVX512_AMX": 16, "AVX2": 8, "SVE256": 8}
-
-
-def channel_block(device: torch.device) -> int:
-    """The width multiple convolutions run fastest at on ``device``: oneDNN's channel block on
-    CPU (16 with AVX-512, 8 with AVX2; 1 where unknown), 8 on CUDA (tensor cores). A width
-    between two multiples costs about as much as the next one (the kernels pad to the block),
-    so grids are measured at multiples and ``round_to="auto"`` rounds latency targets to it."""
-    if device.type == "cuda":
-        return 8
-    if device.type == "cpu":
-        return CPU_BLOCKS.get(torch.backends.cpu.get_cpu_capability(), 1)
-    return 1
-
-
-def fix_glibc_malloc(threshold: int = 1 << 30) -> bool:
-    """Fix glibc's mmap and trim thresholds for this process (no per-call page faults on large
-    activations, steadier and faster CPU latency). Returns False where glibc is not found."""
-    global _MALLOC_FIXED
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    _MALLOC_FIXED = bool(libc.mallopt(m_mmap_threshold, threshold) and libc.mallopt(m_trim_threshold, threshold))
-    return _MALLOC_FIXED
-
-
-def allocator_name() -> str:
-    """How CPU memory is allocated, as far as it changes latency (part of the cache key)."""
-    fixed = _MALLOC_FIXED or "MALLOC_MMAP_THRESHOLD_" in os.environ
-    preload = os.path.basename(os.environ.get("LD_PRELOAD", ""))
-    return preload or ("glibc-fixed-thresholds" if fixed else "default")
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lightning_ifprune/latency`` (default ``~/.cache/...``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_ifprune" / "latency"
-
-
-@dataclass(frozen=True)
-class LatencyEnv:
-    """What a measured latency depends on besides the layer: device, CPU threads, torch, allocator."""
-
-    device: str
-    threads: int
-    torch: str
-    allocator: str = "default"
-
-    @classmethod
-    def current(cls, device: torch.device) -> LatencyEnv:
-        """The environment measurements on ``device`` are taken in now."""
-        return cls(device_name(device), torch.get_num_threads(), torch.__version__, allocator_name())
-
-    def key(self) -> str:
-        """A short stable name for the cache file."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-class LatencyCache:
-    """Measured milliseconds per ``signature|in x out`` for one environment, in a JSON file."""
-
-    def __init__(self, env: LatencyEnv, cache_dir: str | Path | None = None) -> None:
-        self.env = env
-        self.path = Path(cache_dir or default_cache_dir()) / f"{env.key()}.json"
-        self.points: dict[str, float] = {}
-        if self.path.is_file():
-            data = json.loads(self.path.read_text())
-            if data.get("env") == asdict(env):
-                self.points = {str(k): float(v) for k, v in data.get("points", {}).items()}
-
-    def save(self) -> None:
-        """Write the file atomically (a concurrent reader sees the old or the new one)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"env": asdict(self.env), "points": self.points}, indent=1, sort_keys=True))
-        tmp.replace(self.path)
 
 
 @dataclass
@@ -272,6 +165,10 @@ class LatencyModel:
     batch_size: int
     env: LatencyEnv
     block: int = 1  # the device's channel block (:func:`channel_block`): ``round_to="auto"``
+    offset: float = 0.0  # ms no layer term explains (fitted by :meth:`calibrated`; 0 until then)
+    low: float = 0.0  # the smallest calibrated layer sum: below it, with offset < 0, predictions shrink in proportion
+    #: The measured points the calibration was fitted to: (removed channels per group, measured ms).
+    calibration: tuple[tuple[dict[str, int], float], ...] = ()
 
     @classmethod
     def build(
@@ -327,17 +224,54 @@ class LatencyModel:
             layers[name] = LayerGrid(sig, ins, outs, table, multiple)
         measured = 1000 * _measure_model(structure, batch_size, measure)
         model = cls(layers, 1.0, measured, batch_size, cache.env, block)
-        model.scale = measured / max(model.predict(structure), 1e-12)
+        model.scale = measured / max(model.layer_sum(structure), 1e-12)
         return model
 
-    def predict(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
-        """Milliseconds per batch of the structure's model after removing ``removed[g]`` channels per group."""
+    def layer_sum(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
+        """The stand-alone layer timings (ms) summed at the widths left after ``removed``, uncalibrated."""
         delta = {g: -int(n) for g, n in (removed or {}).items()}
         total = 0.0
         for name, cost in structure.costs.layers.items():
             if name in self.layers:
                 total += self.layers[name](*cost.dims(delta))
-        return self.scale * total
+        return total
+
+    def predict(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
+        """Milliseconds per batch of the structure's model after removing ``removed[g]`` channels per group."""
+        total = self.layer_sum(structure, removed)
+        if self.offset < 0 and total < self.low:  # beyond the measured points a negative offset
+            return (self.scale * self.low + self.offset) * total / self.low  # would reach 0: shrink in proportion
+        return self.scale * total + self.offset
+
+    def calibrated(
+        self, structure: ChannelStructure, points: Sequence[tuple[Mapping[str, int], float]]
+    ) -> LatencyModel:
+        """A copy fitted to measured latencies of pruned versions of ``structure``'s model.
+
+        ``points`` are (channels removed per group, measured ms); with the full model's
+        measurement (``measured_ms``) they fix ``scale·(layer sum) + offset`` by least squares,
+        so predictions near a measured point are as good as the measurement. A positive offset
+        (fixed overhead) holds at any width; a negative one is not extrapolated: below the
+        smallest measured layer sum predictions shrink in proportion to it. Where the fit does not increase with
+        the layer sum or is not positive at every point (noise between near-equal points), the
+        copy keeps the proportional fit through the origin. Earlier points of this model count too.
+        """
+        merged = [*self.calibration, *((dict(r), float(ms)) for r, ms in points)]
+        for removed, ms in merged:
+            if not (math.isfinite(ms) and ms > 0):
+                raise ValueError(f"a calibration point needs a positive measured latency, got {ms!r} ms")
+            unknown = set(removed) - set(structure.groups)
+            if unknown:
+                raise ValueError(f"calibration point removes channels of unknown groups {sorted(unknown)}")
+        xs = [self.layer_sum(structure)] + [self.layer_sum(structure, r) for r, _ in merged]
+        ys = [self.measured_ms] + [ms for _, ms in merged]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var > 0 else 0.0
+        scale, offset = slope, my - slope * mx
+        if slope <= 0 or min(xs) <= 0 or scale * min(xs) + offset <= 0:
+            scale, offset = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs), 0.0
+        return replace(self, scale=scale, offset=offset, low=min(xs), calibration=tuple(merged))
 
     def channel_savings(self, structure: ChannelStructure) -> dict[str, float]:
         """Per group, the milliseconds one removed channel saves: the mean over its removable

@@ -14,10 +14,14 @@ from torch import nn
 import lightning_ifprune as lip
 import lightning_ifprune.app
 from lightning_ifprune import latency as lat
-from lightning_ifprune.latency import LatencyEnv, LatencyModel, LayerGrid, grid_axis
+from lightning_ifprune import latency_env
+from lightning_ifprune.calibration import calibrate, uniform_plan
+from lightning_ifprune.latency import LatencyModel, LayerGrid, grid_axis
+from lightning_ifprune.latency_env import LatencyEnv
 from lightning_ifprune.models import build_model, resnet20
 from lightning_ifprune.selection import baseline_of, parse_target, resolve_round_to, resource_size, select_channels
 from lightning_ifprune.structure import ChannelStructure
+from lightning_ifprune.surgery import prune_channels
 
 ENV = LatencyEnv("cpu:test", 1, torch.__version__)
 
@@ -147,8 +151,10 @@ def test_auto_round_to_is_the_block_for_latency_targets_only(tmp_path: Path) -> 
     assert plan and all((structure.groups[n].size - len(v)) % 16 == 0 for n, v in plan.items())
     flops_plan = select_channels(structure, scores, "flops", 0.6, latency=lm, round_to="auto")
     assert any((structure.groups[n].size - len(v)) % 16 for n, v in flops_plan.items())
-    assert lat.channel_block(torch.device("cpu")) == lat.CPU_BLOCKS.get(torch.backends.cpu.get_cpu_capability(), 1)
-    assert torch.backends.cpu.get_cpu_capability() in lat.device_name(torch.device("cpu"))
+    assert latency_env.channel_block(torch.device("cpu")) == latency_env.CPU_BLOCKS.get(
+        torch.backends.cpu.get_cpu_capability(), 1
+    )
+    assert torch.backends.cpu.get_cpu_capability() in latency_env.device_name(torch.device("cpu"))
 
 
 def test_auto_round_to_halves_the_block_until_the_target_is_reachable(tmp_path: Path) -> None:
@@ -268,6 +274,66 @@ def test_latency_checks_measure_and_tighten_until_the_target_is_met(tmp_path: Pa
         lip.prune_to_target(copy.deepcopy(model), scores, flops=0.5, latency_checks=2)
 
 
+def measured_ms(timer: FakeTimer, model: nn.Module, example: torch.Tensor, plan: dict, batch: int) -> float:
+    """The timer's whole-model ms of ``model`` with ``plan`` physically removed (on a copy)."""
+    pruned = copy.deepcopy(model)
+    prune_channels(ChannelStructure.build(pruned, example), plan)
+    return 1000 * timer(pruned, torch.randn(batch, *example.shape[1:]))
+
+
+def test_calibration_fits_time_that_no_layer_explains(tmp_path: Path, monkeypatch) -> None:
+    timer = OverheadTimer()  # whole model: 1.1 × its layers + a constant: the scale alone is wrong
+    monkeypatch.setattr(lat, "timer_measure", timer)
+    model, example = cnn()
+    structure = ChannelStructure.build(model, example)
+    raw = latency_model(model, example, tmp_path, measure=timer)
+    fitted = calibrate(structure, raw, (0.5,))
+    assert len(fitted.calibration) == 1 and fitted.offset > 0 and raw.offset == 0 and not raw.calibration
+    torch.manual_seed(3)
+    for _ in range(3):  # plans the fit never saw, against the timer on the physically pruned net
+        plan = {n: sorted(torch.randperm(g.size)[: int(torch.randint(0, g.size - 1, ()))].tolist())
+                for n, g in structure.groups.items()}  # fmt: skip
+        truth = measured_ms(timer, model, example, plan, raw.batch_size)
+        removed = {n: len(v) for n, v in plan.items()}
+        assert fitted.predict(structure, removed) == pytest.approx(truth, rel=1e-6)
+        assert abs(raw.predict(structure, removed) / truth - 1) > 0.02
+    assert fitted.predict(structure) == pytest.approx(raw.measured_ms)
+
+
+def test_calibration_rejects_bad_points_and_falls_back_on_a_falling_fit(tmp_path: Path) -> None:
+    model, example = cnn()
+    structure = ChannelStructure.build(model, example)
+    lm = latency_model(model, example, tmp_path)
+    half = {n: g.size // 2 for n, g in structure.groups.items()}
+    with pytest.raises(ValueError, match="positive measured latency"):
+        lm.calibrated(structure, [(half, -1.0)])
+    with pytest.raises(ValueError, match="unknown groups"):
+        lm.calibrated(structure, [({"nope": 1}, 1.0)])
+    slower = lm.calibrated(structure, [(half, 2 * lm.measured_ms)])  # thinner but measured slower: noise
+    assert slower.offset == 0 and slower.scale > lm.scale and slower.predict(structure, half) > 0
+    fitted = lm.calibrated(structure, [(half, 0.3 * lm.measured_ms)])
+    tiny = {n: g.size - 1 for n, g in structure.groups.items()}
+    assert fitted.offset < 0 and 0 < fitted.predict(structure, tiny) < fitted.predict(structure, half)
+    again = fitted.calibrated(structure, [(tiny, 0.1 * lm.measured_ms)])
+    assert len(again.calibration) == 2  # earlier points count too
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        uniform_plan(structure, lm, 1.0)
+
+
+def test_a_latency_model_built_by_prune_to_target_is_calibrated(tmp_path: Path, monkeypatch) -> None:
+    timer = OverheadTimer()
+    monkeypatch.setattr(lat, "timer_measure", timer)
+    monkeypatch.setattr(lat, "channel_block", lambda device: 1)  # the fake timer has no channel blocks
+    model, example = cnn()
+    scores = lip.score_channels(model, criterion="magnitude", example_inputs=example)
+    dense = measured_ms(timer, model, example, {}, 8)
+    report = lip.prune_to_target(model, scores, latency=0.5, latency_batch_size=8, latency_cache_dir=tmp_path,
+                                 round_to=None)  # fmt: skip
+    after = 1000 * timer(model, torch.randn(8, *example.shape[1:]))
+    assert report.latency_after_ms == pytest.approx(after, rel=1e-6)  # the prediction is the measurement
+    assert after <= 0.5 * dense and report.latency_before_ms == pytest.approx(dense, rel=1e-6)
+
+
 def test_prune_to_target_builds_and_caches_a_latency_model(tmp_path: Path, monkeypatch) -> None:
     timer = FakeTimer()
     monkeypatch.setattr(lat, "timer_measure", timer)
@@ -290,6 +356,7 @@ def test_callback_prunes_to_a_latency_target(tmp_path: Path, monkeypatch) -> Non
     assert pruner.finished and pruner.baseline.latency is not None
     assert pruner.latency_ms(module) <= 0.6 * pruner.baseline.latency
     assert (tmp_path / "cache" / "lightning_ifprune" / "latency").is_dir()
+    assert len(pruner.latency_model.calibration) == 1  # one measured copy near the target
     convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.out_channels in (16, 32) or c.out_channels % 4 == 0 for c in convs)
     assert any(c.out_channels not in (16, 32) for c in convs)
