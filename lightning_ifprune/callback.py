@@ -20,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_ifprune.batch import to_compute
-from lightning_ifprune.calibration import calibrate
 from lightning_ifprune.checkpoint import (
     recorded_history,
     restore_on_load,
@@ -176,8 +175,6 @@ class InfluencePruningCallback(Callback):
         if self.resource == "latency" and self.latency_model is None:
             progress = self.verbose and trainer.is_global_zero
             built = LatencyModel.build(structure, self.latency_batch_size, progress=progress)
-            if self.target < 1:  # a measured copy near the target fixes how the unmodelled time scales
-                built = calibrate(structure, built, (self.target,))
             self.latency_model = trainer.strategy.broadcast(built, src=0)  # every rank decides alike
         if self.baseline is None:
             if recorded_history(pl_module)[0]:

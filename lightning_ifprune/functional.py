@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_ifprune.calibration import calibrate, measured_latency_kept
+from lightning_ifprune.calibration import measured_latency_kept
 from lightning_ifprune.latency import LatencyModel
 from lightning_ifprune.selection import Baseline, RoundTo, check_round_to, parse_target, select_channels
 from lightning_ifprune.structure import ChannelStructure, validate_example_inputs
@@ -68,8 +68,6 @@ def prune_to_target(
     report then carries the predicted latency before and after. ``round_to`` leaves every
     pruned group at a multiple of it; ``"auto"`` (default) is the device's channel block for a
     latency target (16 on an AVX-512 CPU, 8 with AVX2 or on CUDA) and no rounding otherwise.
-    A latency model built here is calibrated to a uniformly thinned copy measured at about the
-    target (:func:`~lightning_ifprune.calibration.calibrate`); a given one is used as it is.
     With ``latency_checks`` > 0 (a latency target, ``baseline`` unset), the plan is tried on a copy
     and the copy's latency measured against the model's (alternately, medians of three): while
     it measures above the target, the model is refitted with that measurement (and the target
@@ -92,8 +90,6 @@ def prune_to_target(
     )
     if resource == "latency" and latency_model is None:
         latency_model = LatencyModel.build(structure, latency_batch_size, cache_dir=latency_cache_dir)
-        if fraction < 1:
-            latency_model = calibrate(structure, latency_model, (fraction,))
     if isinstance(latency_checks, bool) or not isinstance(latency_checks, int) or latency_checks < 0:
         raise ValueError(f"latency_checks must be a non-negative int, got {latency_checks!r}")
     if latency_checks and (resource != "latency" or baseline is not None):

@@ -4,15 +4,17 @@ Every prunable layer of a :class:`~lightning_ifprune.structure.ChannelStructure`
 Conv/Linear term of its exact cost model, and each BatchNorm with the activation that
 usually follows it) is timed alone, on the model's device, at the run's batch size and the
 layer's own input shape, over a small grid of its input/output widths; between grid points
-the latency is interpolated bilinearly. What no layer term explains (pooling, residual
-additions, the framework's overhead) is the whole model's measured latency less the sum of
-the layer predictions at full width; it is kept as a calibration factor ``scale`` (measured ÷
-layer sum) rather than a constant, because most of it (activations after residual sums,
-pooling, in-network versus stand-alone caching) shrinks with the widths: on ResNet-56 a constant
-overpredicted heavily pruned nets by up to 50 %. One point does not fix how the rest scales
-(on ResNet-56 pruned nets measured up to 27 % slower than ``scale`` predicts, on MobileNetV2
-up to 26 % faster), so :meth:`LatencyModel.calibrated` fits ``scale·(layer sum) + offset`` to
-measured pruned versions of the model (``lightning_ifprune.calibration`` measures them).
+the latency is interpolated bilinearly. What no layer term explains (residual additions,
+activations, pooling, the framework's overhead: the whole model's measured latency less the
+sum of the layer terms at full width) is carried by the norm terms (``norm_scale``): those ops
+run elementwise on the tensors the norms see, so they shrink with the same widths. A single
+factor on all layers instead overpredicted a ResNet-18 whose stem was pruned to one channel by
+25 % (its maxpool and first-stage additions at 56×56 all but vanish), and a constant
+overpredicted heavily pruned ResNet-56s by up to 50 %. Without norm layers (or when the whole
+model runs faster than its convolutions alone) one factor ``scale`` on all layers remains.
+:meth:`LatencyModel.calibrated` refits the norm weight and a constant to measured pruned
+versions of the model (``prune_to_target(latency_checks=N)`` measures its plans:
+``lightning_ifprune.calibration``).
 
 Convolution latency is a step function of the widths: the kernels work on blocks of channels
 (oneDNN: 16 with AVX-512, 8 with AVX2; tensor cores: 8), and a width just below a multiple
@@ -165,7 +167,10 @@ class LatencyModel:
     batch_size: int
     env: LatencyEnv
     block: int = 1  # the device's channel block (:func:`channel_block`): ``round_to="auto"``
-    offset: float = 0.0  # ms no layer term explains (fitted by :meth:`calibrated`; 0 until then)
+    #: Weight of the norm(+activation) terms: they carry the time no layer explains (residual
+    #: additions, activations, pooling run on the same tensors and shrink with the same widths).
+    norm_scale: float = 1.0
+    offset: float = 0.0  # constant ms (fitted by :meth:`calibrated`; 0 until then)
     low: float = 0.0  # the smallest calibrated layer sum: below it, with offset < 0, predictions shrink in proportion
     #: The measured points the calibration was fitted to: (removed channels per group, measured ms).
     calibration: tuple[tuple[dict[str, int], float], ...] = ()
@@ -224,17 +229,28 @@ class LatencyModel:
             layers[name] = LayerGrid(sig, ins, outs, table, multiple)
         measured = 1000 * _measure_model(structure, batch_size, measure)
         model = cls(layers, 1.0, measured, batch_size, cache.env, block)
-        model.scale = measured / max(model.layer_sum(structure), 1e-12)
+        weighted, norms = model.sums(structure)
+        if norms > 0 and measured > weighted:  # what no layer explains goes with the elementwise terms
+            model.norm_scale = (measured - weighted) / norms
+        else:
+            model.scale = measured / max(weighted + norms, 1e-12)
         return model
 
-    def layer_sum(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
-        """The stand-alone layer timings (ms) summed at the widths left after ``removed``, uncalibrated."""
+    def sums(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> tuple[float, float]:
+        """Stand-alone timings (ms) at the widths left after ``removed``, summed: (Conv/Linear
+        layers, norm layers with their activation)."""
         delta = {g: -int(n) for g, n in (removed or {}).items()}
-        total = 0.0
+        weighted = norms = 0.0
         for name, cost in structure.costs.layers.items():
             if name in self.layers:
-                total += self.layers[name](*cost.dims(delta))
-        return total
+                t = self.layers[name](*cost.dims(delta))
+                weighted, norms = (weighted, norms + t) if cost.kind == "norm" else (weighted + t, norms)
+        return weighted, norms
+
+    def layer_sum(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
+        """The stand-alone layer timings summed, the norm terms weighted by ``norm_scale`` (ms)."""
+        weighted, norms = self.sums(structure, removed)
+        return weighted + self.norm_scale * norms
 
     def predict(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
         """Milliseconds per batch of the structure's model after removing ``removed[g]`` channels per group."""
@@ -249,12 +265,11 @@ class LatencyModel:
         """A copy fitted to measured latencies of pruned versions of ``structure``'s model.
 
         ``points`` are (channels removed per group, measured ms); with the full model's
-        measurement (``measured_ms``) they fix ``scale·(layer sum) + offset`` by least squares,
-        so predictions near a measured point are as good as the measurement. A positive offset
-        (fixed overhead) holds at any width; a negative one is not extrapolated: below the
-        smallest measured layer sum predictions shrink in proportion to it. Where the fit does not increase with
-        the layer sum or is not positive at every point (noise between near-equal points), the
-        copy keeps the proportional fit through the origin. Earlier points of this model count too.
+        measurement (``measured_ms``) they fix ``norm_scale`` and a constant ``offset`` by least
+        squares, so predictions near a measured point are as good as the measurement. Where the
+        points do not tell the norm weight apart (equal norm widths) or give it below 0, only
+        the offset is fitted. A negative offset is not extrapolated: below the smallest measured
+        layer sum predictions shrink in proportion. Earlier points of this model count too.
         """
         merged = [*self.calibration, *((dict(r), float(ms)) for r, ms in points)]
         for removed, ms in merged:
@@ -263,15 +278,18 @@ class LatencyModel:
             unknown = set(removed) - set(structure.groups)
             if unknown:
                 raise ValueError(f"calibration point removes channels of unknown groups {sorted(unknown)}")
-        xs = [self.layer_sum(structure)] + [self.layer_sum(structure, r) for r, _ in merged]
+        feats = [self.sums(structure)] + [self.sums(structure, r) for r, _ in merged]
         ys = [self.measured_ms] + [ms for _, ms in merged]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        var = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var > 0 else 0.0
-        scale, offset = slope, my - slope * mx
-        if slope <= 0 or min(xs) <= 0 or scale * min(xs) + offset <= 0:
-            scale, offset = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs), 0.0
-        return replace(self, scale=scale, offset=offset, low=min(xs), calibration=tuple(merged))
+        zs = [y / self.scale - w for (w, _), y in zip(feats, ys, strict=True)]  # what the norm terms must explain
+        ns = [n for _, n in feats]
+        mn, mz = sum(ns) / len(ns), sum(zs) / len(zs)
+        var = sum((n - mn) ** 2 for n in ns)
+        weight = sum((n - mn) * (z - mz) for n, z in zip(ns, zs, strict=True)) / var if var > 1e-12 * mn**2 else -1.0
+        if weight < 0:
+            weight = self.norm_scale
+        offset = self.scale * (mz - weight * mn)
+        low = min(w + weight * n for w, n in feats)
+        return replace(self, norm_scale=weight, offset=offset, low=low, calibration=tuple(merged))
 
     def channel_savings(self, structure: ChannelStructure) -> dict[str, float]:
         """Per group, the milliseconds one removed channel saves: the mean over its removable
@@ -298,7 +316,7 @@ def _layer_specs(structure: ChannelStructure) -> list[_LayerSpec]:
     """Every modelled layer of the structure with the input shape it sees (one traced pass).
 
     Conv/Linear layers and BatchNorms only: others (attention's packed projections, PReLU)
-    and layers no forward call reaches are not timed alone; they count through ``scale``."""
+    and layers no forward call reaches are not timed alone; they count through ``norm_scale``."""
     model = structure.model
     wanted = {}
     for name, cost in structure.costs.layers.items():
