@@ -244,7 +244,10 @@ class LatencyModel:
         for name, cost in structure.costs.layers.items():
             if name in self.layers:
                 t = self.layers[name](*cost.dims(delta))
-                weighted, norms = (weighted, norms + t) if cost.kind == "norm" else (weighted + t, norms)
+                if cost.kind == "norm":
+                    norms += t
+                else:
+                    weighted += t
         return weighted, norms
 
     def layer_sum(self, structure: ChannelStructure, removed: Mapping[str, int] | None = None) -> float:
@@ -284,9 +287,11 @@ class LatencyModel:
         ns = [n for _, n in feats]
         mn, mz = sum(ns) / len(ns), sum(zs) / len(zs)
         var = sum((n - mn) ** 2 for n in ns)
-        weight = sum((n - mn) * (z - mz) for n, z in zip(ns, zs, strict=True)) / var if var > 1e-12 * mn**2 else -1.0
-        if weight < 0:
-            weight = self.norm_scale
+        weight = self.norm_scale  # kept where the points cannot tell it or put it below 0
+        if var > 1e-12 * mn**2:
+            fitted = sum((n - mn) * (z - mz) for n, z in zip(ns, zs, strict=True)) / var
+            if fitted > 0:
+                weight = fitted
         offset = self.scale * (mz - weight * mn)
         low = min(w + weight * n for w, n in feats)
         return replace(self, norm_scale=weight, offset=offset, low=low, calibration=tuple(merged))
@@ -316,7 +321,7 @@ def _layer_specs(structure: ChannelStructure) -> list[_LayerSpec]:
     """Every modelled layer of the structure with the input shape it sees (one traced pass).
 
     Conv/Linear layers and BatchNorms only: others (attention's packed projections, PReLU)
-    and layers no forward call reaches are not timed alone; they count through ``norm_scale``."""
+    and layers no forward call reaches are not timed alone; they count through ``norm_scale`` (or ``scale``)."""
     model = structure.model
     wanted = {}
     for name, cost in structure.costs.layers.items():

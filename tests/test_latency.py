@@ -344,7 +344,8 @@ def test_calibration_rejects_bad_points_and_falls_back_on_a_falling_fit(tmp_path
     assert fitted.predict(structure, half) == pytest.approx(0.3 * lm.measured_ms)
     assert fitted.predict(structure) == pytest.approx(lm.measured_ms)
     tiny = {n: g.size - 1 for n, g in structure.groups.items()}
-    assert 0 < fitted.predict(structure, tiny) < fitted.predict(structure, half)
+    assert fitted.offset < 0 and fitted.scale * fitted.layer_sum(structure, tiny) + fitted.offset < 0  # extrapolated
+    assert 0 < fitted.predict(structure, tiny) < fitted.predict(structure, half)  # shrinks in proportion instead
     again = fitted.calibrated(structure, [(tiny, 0.1 * lm.measured_ms)])
     assert len(again.calibration) == 2  # earlier points count too
 
